@@ -1,0 +1,99 @@
+"""Choosing between the fused kernels and the plain-PyTorch reference, per op and per input tensor.
+
+Modes: "reference" always runs `rgt.ops.reference`; "fused" runs the Triton / C++ op and raises if it cannot;
+"auto" runs the fused op where it can run on the given tensor and the reference otherwise. The environment
+variable RGT_KERNELS sets the default mode.
+
+Availability: a Triton kernel runs on CUDA tensors, or on CPU tensors only under TRITON_INTERPRET=1 (the
+interpreter the tests use); a C++ op runs wherever `rgt._C` was built with a kernel for the tensor's device.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from rgt.ops import _ext
+
+MODES = ("auto", "reference", "fused")
+log = logging.getLogger("rgt.ops")
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"kernels must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def default_mode() -> str:
+    """The mode named by RGT_KERNELS, or "auto"."""
+    mode = os.environ.get("RGT_KERNELS", "auto")
+    if mode not in MODES:
+        raise ValueError(f"RGT_KERNELS must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def triton_unavailable(x: Tensor) -> str | None:
+    """Why a Triton kernel cannot run on `x`, or None when it can."""
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if not (x.is_cuda or interpreting):
+        return f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU); got a {x.device.type} tensor"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "Triton is not installed (pip install triton)"
+    return None
+
+
+def extension_unavailable(x: Tensor) -> str | None:
+    """Why a C++/CUDA op of rgt._C cannot run on `x`, or None when it can."""
+    err = _ext.load_error()
+    if err is not None:
+        return err
+    if x.is_cuda and "cuda" not in _ext.built_kernels():
+        return ("rgt._C was built without CUDA kernels; rebuild with a CUDA torch and toolkit: "
+                "`pip install --no-build-isolation -e .`")
+    if x.device.type not in ("cpu", "cuda"):
+        return f"rgt._C has no kernels for {x.device.type} tensors"
+    return None
+
+
+@dataclass(frozen=True)
+class Op:
+    """One op with its two implementations. `unavailable(x)` says why `fused` cannot run on x (None: it can)."""
+
+    name: str
+    reference: Callable
+    fused: Callable | None
+    unavailable: Callable[[Tensor], str | None]
+
+    def select(self, mode: str, x: Tensor) -> Callable:
+        if mode == "reference":
+            return self.reference
+        reason = "not implemented yet" if self.fused is None else self.unavailable(x)
+        if reason is None:
+            return self.fused
+        if mode == "fused":
+            exc = NotImplementedError if self.fused is None else RuntimeError
+            raise exc(f"kernels='fused': no fused {self.name} for this input: {reason}. "
+                      "Use kernels='auto' to fall back to the reference ops.")
+        _note_fallback(self.name, reason)
+        return self.reference
+
+
+_warned: set[str] = set()
+
+
+def _note_fallback(name: str, reason: str) -> None:
+    """A missing build is worth one warning; a CPU tensor without the interpreter is expected (DEBUG log)."""
+    if "rgt._C" in reason and "rgt._C" not in _warned:
+        _warned.add("rgt._C")
+        warnings.warn(f"rgt: falling back to reference ops: {reason}", RuntimeWarning, stacklevel=3)
+    else:
+        log.debug("rgt: %s runs the reference: %s", name, reason)
+

@@ -1,0 +1,61 @@
+"""Build of the `rgt._C` extension (recursive depthwise stride convolution and friends).
+
+Always builds the CPU kernels (`csrc/*.cpp`, `csrc/cpu/*.cpp`); adds the CUDA kernels (`csrc/cuda/*.cu`) when the
+installed torch was built with CUDA and a CUDA toolkit is found. It never probes for a GPU, so a GPU-less build host
+still produces CUDA kernels for the architectures in TORCH_CUDA_ARCH_LIST (default "9.0" there).
+
+Environment: RGT_NO_CUDA=1 forces a CPU-only build; DEBUG=1 builds with -O0 -g.
+"""
+
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", pattern)))
+
+
+def _extension():
+    debug = os.environ.get("DEBUG", "0") == "1"
+    want_cuda = os.environ.get("RGT_NO_CUDA", "0") != "1"
+    with_cuda = want_cuda and torch.version.cuda is not None and CUDA_HOME is not None
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    # ATen's parallel_for is an inline OpenMP region in the torch headers: without -fopenmp it runs serially.
+    cxx = [*opt, "-std=c++17", "-fopenmp"]
+    sources = _sources("*.cpp") + _sources("cpu/*.cpp")
+    kwargs = {"include_dirs": [os.path.join(ROOT, "csrc")], "extra_link_args": ["-fopenmp"]}
+    if with_cuda and _sources("cuda/*.cu"):
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+        sources += _sources("cuda/*.cu")
+        nvcc = [*opt, "-std=c++17", "--use_fast_math", "-lineinfo"]
+        ext = CUDAExtension(
+            "rgt._C", sources, define_macros=[("WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs,
+        )
+        built = "cpu+cuda"
+    else:
+        ext = CppExtension("rgt._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
+        built = "cpu"
+    print(f"rgt: building rgt._C with {built} kernels (torch {torch.__version__}, CUDA "
+          f"{torch.version.cuda or 'none'}, CUDA_HOME {CUDA_HOME or 'none'}, debug={debug})")
+    print("rgt: sources: " + " ".join(sources))
+    with open(os.path.join(ROOT, "rgt", "_build_info.py"), "w") as f:
+        f.write('"""Written by setup.py: what rgt._C was built against."""\n\n')
+        f.write(f"TORCH_VERSION = {torch.__version__!r}\nCUDA_VERSION = {torch.version.cuda!r}\n")
+        f.write(f"KERNELS = {built!r}\n")
+    return ext
+
+
+setup(
+    packages=["rgt", "rgt.arch", "rgt.ops", "rgt.kernels"],
+    package_dir={"rgt.kernels": "kernels"},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension},
+)

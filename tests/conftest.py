@@ -1,0 +1,20 @@
+"""Test setup. TRITON_INTERPRET must be set before anything imports `rgt`, because @triton.jit reads it at
+definition time: without CUDA the Triton kernels run in the CPU interpreter."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    slow_ok = os.environ.get("RGT_SLOW_TESTS", "0") == "1"
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+        if "slow" in item.keywords and not slow_ok:
+            item.add_marker(pytest.mark.skip(reason="slow test: set RGT_SLOW_TESTS=1 to run"))
