@@ -95,6 +95,7 @@ def shift_mask(Hp: int, Wp: int, hs: int, ws: int, device: torch.device, dtype: 
     ws): after the cyclic shift by (hs/2, ws/2) these are the pieces that were not neighbours in the image.
     Built in `dtype` so reduced-precision models add it without promotion (the official code's fp16/bf16 crash).
     """
+
     def bands(n: int, w: int) -> Tensor:
         idx = torch.arange(n, device=device)
         return (idx >= n - w).long() + (idx >= n - w // 2).long()
@@ -105,8 +106,9 @@ def shift_mask(Hp: int, Wp: int, hs: int, ws: int, device: torch.device, dtype: 
     return torch.zeros(diff.shape, device=device, dtype=dtype).masked_fill_(diff, MASK_VALUE)
 
 
-def _window_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None, heads: int,
-                      scale: float) -> Tensor:
+def _window_attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None, heads: int, scale: float
+) -> Tensor:
     """Attention inside windows. q, k, v: (B*nW, N, c); bias: (heads, N, N); mask: (nW, N, N) -> (B*nW, N, c)."""
     Bw, N, c = q.shape
     hd = c // heads
@@ -119,8 +121,16 @@ def _window_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tenso
     return out.transpose(1, 2).reshape(Bw, N, c)
 
 
-def rwin_attention(qkv: Tensor, bias_table: Tensor, H: int, W: int, split: tuple[int, int], shift: bool,
-                   heads: int, scale: float) -> Tensor:
+def rwin_attention(
+    qkv: Tensor,
+    bias_table: Tensor,
+    H: int,
+    W: int,
+    split: tuple[int, int],
+    shift: bool,
+    heads: int,
+    scale: float,
+) -> Tensor:
     """Rectangle-window self-attention of L-SA (both branches), in the official padding/shift/mask semantics.
 
     The projection output is zero-padded bottom/right to a multiple of max(split) (padded tokens have
@@ -144,7 +154,7 @@ def rwin_attention(qkv: Tensor, bias_table: Tensor, H: int, W: int, split: tuple
     outs = []
     for i in range(2):
         hs, ws = branch_geometry(split, i)
-        q, k, v = (x[..., j * C + i * half: j * C + (i + 1) * half] for j in range(3))  # (B, Hp, Wp, C/2)
+        q, k, v = (x[..., j * C + i * half : j * C + (i + 1) * half] for j in range(3))  # (B, Hp, Wp, C/2)
         mask = None
         if shift:
             q, k, v = (torch.roll(t, shifts=(-(hs // 2), -(ws // 2)), dims=(1, 2)) for t in (q, k, v))
