@@ -65,8 +65,8 @@ class L_SA(KernelSwitch, nn.Module):  # noqa: N801 (official name)
 
     Args:
         dim: C. num_heads: total heads (each branch gets num_heads // 2). split_size: (s0, s1).
-        shift: shifted block (cyclic shift by half a window with region masks). img_size: only sets the shape of
-            the stored mask buffers (the checkpoints hold them for a 64 x 64 padded map).
+        shift: shifted block (cyclic shift by half a window with region masks).
+        img_size: only sets the shape of the stored mask buffers (64 x 64 in the checkpoints).
     """
 
     def __init__(

@@ -36,8 +36,8 @@ def recursion_depth(H: int, W: int, training: bool, stride: int = 4) -> int:
         t = max(t, 2)
     if min(H, W) < stride**t:
         raise ValueError(
-            f"input {H}x{W} is too elongated for RG-SA: the longer side sets {t} recursions of the stride-{stride} "
-            f"conv, which need the shorter side >= {stride**t} px (pad the image or use tiles)"
+            f"input {H}x{W} is too elongated for RG-SA: the longer side sets {t} recursions of the "
+            f"stride-{stride} conv, which need the shorter side >= {stride**t} px (pad the image or use tiles)"
         )
     return t
 
@@ -46,7 +46,8 @@ class RG_SA(KernelSwitch, nn.Module):  # noqa: N801 (official name)
     """Cross-attention of all H*W tokens to the floor(H/4^T) x floor(W/4^T) representative tokens.
 
     Args:
-        dim: C. num_heads: heads (q/k head dim C*c_ratio/heads, v head dim C/heads). c_ratio: channel ratio cr/C.
+        dim: C. num_heads: heads (q/k head dim C*c_ratio/heads, v head dim C/heads).
+        c_ratio: channel ratio cr/C.
     """
 
     def __init__(

@@ -18,8 +18,8 @@ NUM_FEAT = 64  # width of the reconstruction head
 
 
 class Upsample(nn.Sequential):
-    """Pixel-shuffle upsampler: log2(s) x [conv(64 -> 256), shuffle(2)] for s = 2^n, [conv(64 -> 576), shuffle(3)]
-    for s = 3, nothing for s = 1."""
+    """Pixel-shuffle upsampler: log2(s) x [conv(64 -> 256), shuffle(2)] for s = 2^n,
+    [conv(64 -> 576), shuffle(3)] for s = 3, nothing for s = 1."""
 
     def __init__(self, scale: int, num_feat: int):
         if scale == 1:
@@ -86,8 +86,8 @@ class RGT(KernelSwitch, nn.Module):
             raise ValueError(f"depth {list(depth)} and num_heads {list(num_heads)} must have the same length")
         self.in_chans, self.upscale, self.img_range = in_chans, upscale, img_range
         self.check_finite = check_finite
-        # Plain constant in the official code, not in the state_dict: a non-persistent buffer keeps it so and
-        # lets .to() move it. Created in float32, so float64 models see the float32-rounded values, as officially.
+        # A plain constant in the official code, not in the state_dict: a non-persistent buffer keeps it so and
+        # lets .to() move it. Created in float32: float64 models see the float32-rounded values, as officially.
         mean = torch.tensor(RGB_MEAN) if in_chans == 3 else torch.zeros(1)
         self.register_buffer("mean", mean.view(1, -1, 1, 1), persistent=False)
 
@@ -105,7 +105,7 @@ class RGT(KernelSwitch, nn.Module):
             img_size=img_size,
         )
         self.layers = nn.ModuleList()
-        for g, (d, h) in enumerate(zip(depth, num_heads)):
+        for g, (d, h) in enumerate(zip(depth, num_heads, strict=True)):
             start = sum(depth[:g])
             self.layers.append(
                 ResidualGroup(
@@ -145,7 +145,7 @@ class RGT(KernelSwitch, nn.Module):
         return tokens_to_image(self.norm(x), H, W)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (B, in_chans, H, W) floating point, in [0, 1] for the official weights -> (B, in_chans, sH, sW)."""
+        """x: (B, in_chans, H, W) floating point ([0, 1] for the official weights) -> (B, in_chans, sH, sW)."""
         self._check_input(x)
         mean = self.mean.to(x.dtype)
         x = (x - mean) * self.img_range

@@ -69,7 +69,7 @@ def extension_unavailable(x: Tensor) -> str | None:
 
 @dataclass(frozen=True)
 class Op:
-    """One op with its two implementations. `unavailable(x)` says why `fused` cannot run on x (None: it can)."""
+    """One op and its two implementations. `unavailable(x)` says why `fused` cannot run on x (None: it can)."""
 
     name: str
     reference: Callable

@@ -13,9 +13,8 @@ from rgt.ops._dispatch import Op, default_mode, extension_unavailable
 OP = Op("recursive_dwconv", reference.recursive_dwconv, None, extension_unavailable)
 
 
-def recursive_dwconv(
-    x: Tensor, weight: Tensor, bias: Tensor | None, times: int, *, kernels: str | None = None
-) -> Tensor:
+def recursive_dwconv(x: Tensor, weight: Tensor, bias: Tensor | None, times: int, *,
+                     kernels: str | None = None) -> Tensor:
     """Depthwise conv (kernel = stride = k, no padding) applied `times` times with shared weights.
 
     Args:

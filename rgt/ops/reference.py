@@ -1,8 +1,8 @@
 """Plain-PyTorch versions of every RGT op: the oracle for the fused kernels, and the portable path.
 
 Each function reproduces the official code's arithmetic in the same order, so float64 results match it to
-rounding (~1e-15 relative per op). Geometry tables (window masks, relative-position indices) are built once per
-(geometry, device, dtype) and cached instead of rebuilt every forward.
+rounding (~1e-15 relative per op). Geometry tables (window masks, relative-position indices) are built once
+per (geometry, device, dtype) and cached instead of rebuilt every forward.
 """
 
 from __future__ import annotations
@@ -89,11 +89,11 @@ def window_merge(x: Tensor, hs: int, ws: int, B: int, Hp: int, Wp: int) -> Tenso
 
 @functools.lru_cache(maxsize=64)
 def shift_mask(Hp: int, Wp: int, hs: int, ws: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """(nW, N, N) additive mask of a shifted branch on the padded Hp x Wp grid: 0 within a region, -100 across.
+    """(nW, N, N) additive mask of a shifted branch on the padded Hp x Wp grid: 0 in a region, -100 across.
 
     Regions are the 3 x 3 bands [0, Hp-hs), [Hp-hs, Hp-hs/2), [Hp-hs/2, Hp) on rows (the same on columns with
     ws): after the cyclic shift by (hs/2, ws/2) these are the pieces that were not neighbours in the image.
-    Built in `dtype` so reduced-precision models add it without promotion (the official code's fp16/bf16 crash).
+    Built in `dtype` so reduced-precision models add it without promotion (the official fp16/bf16 crash).
     """
 
     def bands(n: int, w: int) -> Tensor:
@@ -109,7 +109,7 @@ def shift_mask(Hp: int, Wp: int, hs: int, ws: int, device: torch.device, dtype: 
 def _window_attention(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None, heads: int, scale: float
 ) -> Tensor:
-    """Attention inside windows. q, k, v: (B*nW, N, c); bias: (heads, N, N); mask: (nW, N, N) -> (B*nW, N, c)."""
+    """Attention in windows. q, k, v: (B*nW, N, c); bias: (heads, N, N); mask: (nW, N, N) -> (B*nW, N, c)."""
     Bw, N, c = q.shape
     hd = c // heads
     q, k, v = (t.reshape(Bw, N, heads, hd).transpose(1, 2) for t in (q, k, v))  # (B*nW, heads, N, hd)
@@ -136,7 +136,8 @@ def rwin_attention(
     The projection output is zero-padded bottom/right to a multiple of max(split) (padded tokens have
     q = k = v = 0 and still act as keys), split by channels into two branches (first half: split[0] x split[1]
     windows, second half: the transpose), cyclically shifted by half a window with region masks when `shift`,
-    attended per window and head with the gathered relative-position bias, shifted back, cropped, concatenated.
+    attended per window and head with the gathered relative-position bias, shifted back, cropped and
+    concatenated.
 
     Args:
         qkv: (B, H*W, 3C) tokens row-major, features laid out [q | k | v].

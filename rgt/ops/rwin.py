@@ -14,18 +14,8 @@ from rgt.ops._dispatch import Op, default_mode, triton_unavailable
 OP = Op("rwin_attention", reference.rwin_attention, None, triton_unavailable)
 
 
-def rwin_attention(
-    qkv: Tensor,
-    bias_table: Tensor,
-    H: int,
-    W: int,
-    split: tuple[int, int],
-    shift: bool,
-    heads: int,
-    scale: float,
-    *,
-    kernels: str | None = None,
-) -> Tensor:
+def rwin_attention(qkv: Tensor, bias_table: Tensor, H: int, W: int, split: tuple[int, int], shift: bool,
+                   heads: int, scale: float, *, kernels: str | None = None) -> Tensor:
     """Rectangle-window attention of L-SA; see `rgt.ops.reference.rwin_attention` for the exact semantics.
 
     Args:
