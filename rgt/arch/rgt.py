@@ -93,7 +93,7 @@ class RGT(KernelSwitch, nn.Module):
 
         self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
         self.before_RG = nn.Sequential(nn.Identity(), nn.LayerNorm(embed_dim))  # [0] stands for the flatten
-        drop_paths = torch.linspace(0, drop_path_rate, sum(depth)).tolist()
+        drop_paths = torch.linspace(0, drop_path_rate, sum(depth), device="cpu").tolist()
         block_args = dict(
             mlp_ratio=mlp_ratio,
             qkv_bias=qkv_bias,
