@@ -14,6 +14,10 @@ Two entry points compute the same numbers (to ~1e-12 dB):
   used as given), the BasicSR convention.
 - `psnr_torch` / `ssim_torch`: batched tensors (B, C, H, W) or (C, H, W), float in [0, 1] (quantized here as
   `tensor2img` does) or uint8, on any device: for validation on the GPU. They return one value per image.
+
+Other libraries: pyiqa matches the PSNR only with `create_metric('psnr', test_y_channel=True,
+color_space='ycbcr', crop_border=s)` on quantized inputs, and its SSIM rounds Y; piq and torchmetrics use
+other Y definitions, windows or borders by default.
 """
 
 from __future__ import annotations

@@ -123,7 +123,7 @@ def imresize(img: Tensor | np.ndarray, scale: float, *, antialias: bool = True) 
     within ~1e-6 of float64, which flips the uint8 rounding of a few pixels (see tests/test_imresize.py).
     """
     if isinstance(img, np.ndarray):
-        t = torch.from_numpy(img)
+        t = torch.from_numpy(img if img.flags.writeable else img.copy())  # torch warns on read-only arrays
         t = t.movedim(-1, 0) if img.ndim == 3 else t
         out = imresize(t, scale, antialias=antialias)
         return (out.movedim(0, -1) if img.ndim == 3 else out).numpy()
