@@ -2,7 +2,7 @@
 and image file I/O. The metrics live in `rgt.metrics`; `python -m rgt.data.prepare` builds LR folders."""
 
 from rgt.data.degrade import bicubic_degrade, modcrop, quantize_uint8
-from rgt.data.imresize import imresize
+from rgt.data.resize import imresize
 from rgt.data.io import IMAGE_EXTENSIONS, ImageReadError, LoadedImage, read_image, write_image
 
 __all__ = [

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rgt.data.imresize import imresize
+from rgt.data.resize import imresize
 
 __all__ = ["bicubic_degrade", "modcrop", "quantize_uint8"]
 
