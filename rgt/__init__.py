@@ -5,9 +5,9 @@
     sr = model.eval()(lr)                            # (B, 3, H, W) in [0, 1] -> (B, 3, 4H, 4W)
 """
 
-from rgt import models
+from rgt import data, metrics, models
 from rgt.arch import RGT
 from rgt.checkpoint import load_checkpoint, save_checkpoint
 
 __version__ = "0.1.0"
-__all__ = ["RGT", "load_checkpoint", "models", "save_checkpoint"]
+__all__ = ["RGT", "data", "load_checkpoint", "metrics", "models", "save_checkpoint"]
