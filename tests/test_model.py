@@ -55,7 +55,7 @@ def test_model_uses_train_and_eval_recursion(monkeypatch):
         return reference.recursive_dwconv(x, w, b, times)
 
     monkeypatch.setattr(rgsa_module, "recursive_dwconv", spy)
-    model = RGT(**TINY, drop_path_rate=0.0)
+    model = RGT(**TINY, drop_path_rate=0.0, kernels="reference")
     with torch.no_grad():
         for training, side, expected in [(True, 64, 2), (False, 64, 2), (True, 16, 1), (False, 16, 2), (True, 32, 1)]:
             seen.clear()
