@@ -79,8 +79,8 @@ def load_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping, *, st
             del sd[k]
     result = model.load_state_dict(sd, strict=strict)
     if not strict and (result.missing_keys or result.unexpected_keys):
-        log.info("rgt: non-strict load: %d missing, %d unexpected keys", len(result.missing_keys),
-                 len(result.unexpected_keys))
+        log.info("rgt: non-strict load: %d missing keys %s, %d unexpected keys %s", len(result.missing_keys),
+                 result.missing_keys, len(result.unexpected_keys), result.unexpected_keys)
     return model
 
 

@@ -1,0 +1,129 @@
+"""Objects a run is made of, built from the checked options: model, optimizer, scheduler, loss, data loaders."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from rgt.arch import RGT
+from rgt.checkpoint import load_checkpoint, read_state_dict
+from rgt.train.config import OptionError
+from rgt.train.dataset import InfiniteSampler, SRDataset
+from rgt.train.distributed import Dist
+
+log = logging.getLogger("rgt.train")
+
+
+def model(opt: dict, device: torch.device) -> RGT:
+    """rgt.RGT from network_g (official init), with path.pretrain_network_g loaded when set."""
+    net = RGT(**opt["network_g"], kernels=opt["kernels"])
+    path = opt["path"]
+    if path["pretrain_network_g"]:
+        source = Path(path["pretrain_network_g"])
+        raw = torch.load(source, map_location="cpu", weights_only=True) if source.suffix != ".safetensors" else None
+        key = path["param_key_g"]
+        sd = read_state_dict(raw[key] if isinstance(raw, dict) and isinstance(raw.get(key), dict) else source)
+        strict = bool(path["strict_load_g"])
+        log.info("loading %s (param_key_g %s, strict_load_g %s)", source, key, strict)
+        load_checkpoint(net, sd, strict=strict)
+    return net.to(device)
+
+
+def kernel_report(net: RGT, device: torch.device) -> list[str]:
+    """One line per op: which implementation kernels=<mode> runs on this device, and why."""
+    from rgt.ops import dwconv, rgsa, rwin
+
+    x = torch.empty(1, device=device)
+    lines = []
+    for op in (rwin.OP, rgsa.OP, dwconv.OP):
+        reason = "not implemented yet" if op.fused is None else op.unavailable(x)
+        path = "reference" if net.kernels == "reference" or reason is not None else "fused"
+        why = "" if path == "fused" else f" ({'kernels=reference' if net.kernels == 'reference' else reason})"
+        lines.append(f"{op.name}: {path}{why}")
+    return lines
+
+
+def optimizer(opt: dict, params) -> torch.optim.Optimizer:
+    cfg = dict(opt["train"]["optim_g"])
+    kind = cfg.pop("type")
+    classes = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
+    if kind not in classes:
+        raise OptionError(f"train.optim_g.type must be one of {sorted(classes)}, got {kind!r}")
+    cfg["lr"], cfg["weight_decay"] = float(cfg["lr"]), float(cfg.get("weight_decay", 0.0))
+    return classes[kind](params, **cfg)
+
+
+def scheduler(opt: dict, optim: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    cfg = opt["train"]["scheduler"]
+    if cfg["type"] != "MultiStepLR":
+        raise OptionError(f"train.scheduler.type must be MultiStepLR, got {cfg['type']!r}")
+    if int(opt["train"]["warmup_iter"]) > 0:
+        raise OptionError("train.warmup_iter > 0 is not supported (the official recipe has no warmup)")
+    milestones = [int(float(m)) for m in cfg["milestones"]]
+    return torch.optim.lr_scheduler.MultiStepLR(optim, milestones, gamma=float(cfg["gamma"]))
+
+
+def loss(opt: dict) -> nn.Module:
+    cfg = opt["train"]["pixel_opt"]
+    classes = {"L1Loss": nn.L1Loss, "MSELoss": nn.MSELoss}
+    if cfg["type"] not in classes:
+        raise OptionError(f"train.pixel_opt.type must be one of {sorted(classes)}, got {cfg['type']!r}")
+    base, weight = classes[cfg["type"]](reduction=cfg["reduction"]), float(cfg["loss_weight"])
+    return _Weighted(base, weight)
+
+
+class _Weighted(nn.Module):
+    def __init__(self, base: nn.Module, weight: float):
+        super().__init__()
+        self.base, self.weight = base, weight
+
+    def forward(self, out: Tensor, target: Tensor) -> Tensor:
+        return self.weight * self.base(out.float(), target.float())
+
+
+def _dataset(cfg: dict, scale: int, gt_size: int | None) -> SRDataset:
+    if cfg["type"] not in ("PairedImageDataset", "HROnlyDataset"):
+        raise OptionError(f"dataset type must be PairedImageDataset or HROnlyDataset, got {cfg['type']!r}")
+    if cfg["meta_info_file"]:
+        raise OptionError("meta_info_file is not supported: point dataroot_gt/dataroot_lq at image folders")
+    if not cfg["dataroot_gt"]:
+        raise OptionError(f"datasets.{cfg['name']}: dataroot_gt is required")
+    lq = cfg["dataroot_lq"] if cfg["type"] == "PairedImageDataset" else None
+    return SRDataset(cfg["dataroot_gt"], lq, scale, filename_tmpl=cfg["filename_tmpl"], gt_size=gt_size,
+                     hflip=bool(cfg.get("use_hflip", True)), rot=bool(cfg.get("use_rot", True)))
+
+
+def _collate(items: list[dict]) -> dict:
+    return {"lq": torch.stack([i["lq"] for i in items]), "gt": torch.stack([i["gt"] for i in items])}
+
+
+def train_loader(opt: dict, d: Dist, start: int) -> Iterator[dict]:
+    """An endless iterator of batches {'lq': (B, 3, p, p), 'gt': (B, 3, sp, sp)} for this rank, starting at
+    sample position `start` of the rank's stream (resume)."""
+    cfg = opt["datasets"]["train"]
+    ds = _dataset(cfg, opt["scale"], int(cfg["gt_size"]))
+    sampler = InfiniteSampler(len(ds), seed=int(opt["manual_seed"]), rank=d.rank, world=d.world,
+                              shuffle=bool(cfg["use_shuffle"]), enlarge=int(cfg["dataset_enlarge_ratio"]),
+                              start=start)
+    workers = int(cfg["num_worker_per_gpu"])
+    loader = DataLoader(ds, batch_size=int(cfg["batch_size_per_gpu"]), sampler=sampler, num_workers=workers,
+                        collate_fn=_collate, pin_memory=d.device.type == "cuda", drop_last=True,
+                        persistent_workers=False, prefetch_factor=2 if workers else None,
+                        # A private generator: the loader's base seed must not consume the global RNG that
+                        # drop path uses, or a resumed run would draw different masks.
+                        generator=torch.Generator().manual_seed(int(opt["manual_seed"])))
+    return iter(loader)
+
+
+def val_sets(opt: dict) -> dict[str, SRDataset]:
+    """The val*/test* datasets by name, whole images."""
+    sets = {}
+    for key, cfg in opt["datasets"].items():
+        if key != "train":
+            sets[cfg["name"] or key] = _dataset(cfg, opt["scale"], None)
+    return sets

@@ -1,0 +1,136 @@
+"""Command line of the trainer.
+
+    python -m rgt.train                                   # bundled quickstart: small RGT, bundled photos, CPU ok
+    python -m rgt.train -opt configs/train_RGT_S_x2.yml --set datasets.train.dataroot_gt=/data/DF2K/HR
+    torchrun --nproc_per_node=4 -m rgt.train -opt configs/train_RGT_x2.yml --amp bf16 --auto-resume
+
+Multi-node: the same command on every node with torchrun's rendezvous, e.g.
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 --rdzv_id=rgt \
+        -m rgt.train -opt configs/train_RGT_x2.yml
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+from rgt.train import distributed as dist_util
+from rgt.train import state
+from rgt.train.config import OptionError, load_options
+from rgt.train.dataset import DataError
+from rgt.train.loop import TrainingDiverged, Trainer, experiment_root
+from rgt.train.validate import format_metrics
+
+log = logging.getLogger("rgt.train")
+
+
+class _TqdmHandler(logging.Handler):
+    """Console log lines that do not break the progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rgt.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("-opt", "--opt", default=None, help="BasicSR-style YAML (default: the bundled quickstart)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an option, e.g. --set train.total_iter=1000 (repeatable; YAML values)")
+    p.add_argument("--amp", choices=["bf16"], default=None, help="bf16 autocast (train.amp)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile)")
+    p.add_argument("--kernels", choices=["auto", "reference", "fused"], default=None,
+                   help="model ops (default: the option file's `kernels`, else auto: fused where available)")
+    p.add_argument("--auto-resume", "--auto_resume", action="store_true",
+                   help="continue from the latest training state of this experiment, if any")
+    p.add_argument("--resume", default=None, help="a training state to continue from (path.resume_state)")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    # BasicSR compatibility: torchrun's environment decides; these are accepted and ignored.
+    p.add_argument("--launcher", choices=["none", "pytorch", "slurm"], default="none", help=argparse.SUPPRESS)
+    p.add_argument("--local-rank", "--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _options(args: argparse.Namespace) -> dict:
+    overrides = list(args.overrides)
+    if args.amp:
+        overrides.append(f"train.amp={args.amp}")
+    if args.compile:
+        overrides.append("train.compile=true")
+    if args.kernels:
+        overrides.append(f"kernels={args.kernels}")
+    if args.cpu:
+        overrides.append("num_gpu=0")
+    if args.resume:
+        overrides.append(f"path.resume_state={args.resume}")
+    return load_options(args.opt, overrides)
+
+
+def _setup_logging(root: Path, name: str, main: bool) -> Path | None:
+    logger = logging.getLogger("rgt")
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    console = _TqdmHandler(logging.INFO if main else logging.WARNING)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    logger.handlers = [console]
+    if not main:
+        return None
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"train_{name}.log"
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    return path
+
+
+def _resume_from(opt: dict, auto: bool, root: Path) -> Path | None:
+    if opt["path"]["resume_state"]:
+        return Path(opt["path"]["resume_state"])
+    return state.latest_state(root) if auto else None
+
+
+def _report(opt: dict, root: Path, result, log_file: Path | None) -> None:
+    lines = [f"done: {result.last_iter} iterations in {root}"]
+    if result.checkpoint:
+        lines.append(f"  final weights:   {result.checkpoint}  (rgt.load_checkpoint(model, path))")
+        lines.append(f"  training state:  {state.state_path(root, result.last_iter)}  (--auto-resume continues)")
+    lines.append(f"  log:             {log_file}")
+    lines.append(f"  options:         {root / 'options.yml'}")
+    for name, values in result.metrics.items():
+        lines.append(f"  validation {name}: {format_metrics(values)}")
+    log.info("\n".join(lines))
+
+
+def run(args: argparse.Namespace) -> None:
+    opt = _options(args)
+    d = dist_util.setup(opt["num_gpu"])
+    try:
+        root = experiment_root(opt)
+        log_file = _setup_logging(root, opt["name"], d.is_main)
+        if d.is_main:
+            (root / "options.yml").write_text(yaml.safe_dump(opt, sort_keys=False))
+            log.info("experiment %s -> %s (%d process(es) on %s, %d x %d samples per step)", opt["name"], root,
+                     d.world, d.device, opt["datasets"]["train"]["batch_size_per_gpu"] * d.world,
+                     opt["train"]["accumulate"])
+        resume = _resume_from(opt, args.auto_resume, root)
+        trainer = Trainer(opt, d, resume)
+        result = trainer.run()
+        if d.is_main:
+            _report(opt, root, result, log_file)
+    finally:
+        dist_util.cleanup(d)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        run(args)
+    except (OptionError, DataError, TrainingDiverged, FileNotFoundError) as exc:
+        print(f"rgt.train: error: {exc}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(exc, OptionError) else 1) from None

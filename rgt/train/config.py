@@ -1,0 +1,234 @@
+"""Training options: BasicSR-style YAML, checked against a schema, with command-line overrides.
+
+The official RGT option files (`options/train/train_RGT*_x*.yml`) load unchanged apart from the dataset paths.
+Every key is checked: a misspelt key is an error naming it, not a silently ignored option. Keys BasicSR uses
+but this trainer has no use for (`io_backend`, `prefetch_mode`, `wandb`, ...) are accepted and ignored.
+
+    opt = load_options("configs/train_RGT_x2.yml", ["train.total_iter=1000", "datasets.train.batch_size_per_gpu=4"])
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ANY = object()  # a leaf whose value is free-form (e.g. a dict the trainer passes on)
+ASSETS_PREFIX = "assets://"  # paths inside the installed package's rgt/assets folder
+
+_DATASET = {
+    "name": "train",
+    "type": "PairedImageDataset",  # or "HROnlyDataset": LR made on the fly with MATLAB-exact bicubic
+    "task": ANY,
+    "dataroot_gt": None,
+    "dataroot_lq": None,  # None: HR only, degraded on the fly
+    "filename_tmpl": "{}",
+    "io_backend": ANY,
+    "meta_info_file": None,
+    "gt_size": 128,
+    "use_hflip": True,
+    "use_rot": True,
+    "use_shuffle": True,
+    "num_worker_per_gpu": 4,
+    "batch_size_per_gpu": 8,
+    "dataset_enlarge_ratio": 1,
+    "prefetch_mode": ANY,
+    "pin_memory": ANY,
+}
+_VAL_DATASET = {k: _DATASET[k] for k in ("name", "type", "task", "dataroot_gt", "dataroot_lq", "filename_tmpl",
+                                         "io_backend", "meta_info_file")}
+_METRIC = {"type": "calculate_psnr", "crop_border": None, "test_y_channel": True, "better": "higher"}
+
+SCHEMA: dict[str, Any] = {
+    "name": "rgt_train",
+    "model_type": "RGTModel",
+    "scale": 4,
+    "num_gpu": "auto",
+    "manual_seed": 10,
+    "kernels": "auto",  # model ops: "auto" (fused where available), "reference" or "fused"
+    "is_train": ANY,
+    "dist": ANY,
+    "datasets": {"train": _DATASET},  # plus any number of val* / test* entries (see _VAL_DATASET)
+    "network_g": ANY,  # {type: RGT, **constructor kwargs}, checked against rgt.RGT's signature
+    "path": {
+        "pretrain_network_g": None,
+        "param_key_g": "params",
+        "strict_load_g": True,
+        "resume_state": None,
+        "experiments_root": None,  # default: experiments/<name>
+    },
+    "train": {
+        "optim_g": {"type": "Adam", "lr": 2e-4, "weight_decay": 0.0, "betas": [0.9, 0.99]},
+        "scheduler": {"type": "MultiStepLR", "milestones": [], "gamma": 0.5},
+        "total_iter": 500000,
+        "warmup_iter": -1,
+        "pixel_opt": {"type": "L1Loss", "loss_weight": 1.0, "reduction": "mean"},
+        "ema_decay": 0.0,
+        "grad_clip": 0.0,  # max global gradient norm; 0 = off
+        "accumulate": 1,  # micro-batches per optimizer step
+        "amp": None,  # None or "bf16"
+        "compile": False,
+    },
+    "val": {"val_freq": 5000, "save_img": False, "suffix": ANY, "pbar": ANY, "metrics": ANY},
+    "logger": {
+        "print_freq": 100,
+        "save_checkpoint_freq": 5000,
+        "use_tb_logger": False,
+        "wandb": ANY,
+    },
+    "dist_params": {"backend": ANY, "port": ANY},
+}
+
+
+class OptionError(ValueError):
+    """An option file or override that does not fit the schema: the message names the key."""
+
+
+def _is_eval_set(key: str) -> bool:
+    return key.startswith(("val", "test"))
+
+
+def _check(value: Any, schema: Any, where: str) -> None:
+    if schema is ANY or not isinstance(schema, dict):
+        return
+    if not isinstance(value, Mapping):
+        raise OptionError(f"option {where!r} must be a mapping, got {type(value).__name__}: {value!r}")
+    for key, sub in value.items():
+        path = f"{where}.{key}" if where else str(key)
+        if where == "datasets" and _is_eval_set(str(key)):
+            _check(sub, _VAL_DATASET, path)
+        elif where == "val.metrics":
+            _check(sub, _METRIC, path)
+        elif key in schema:
+            _check(sub, schema[key], path)
+        else:
+            known = sorted(schema) + (["val*", "test*"] if where == "datasets" else [])
+            raise OptionError(f"unknown option {path!r}; known keys here: {', '.join(known)}")
+
+
+def _defaults(schema: Any) -> Any:
+    if schema is ANY:
+        return None
+    if isinstance(schema, dict):
+        return {k: _defaults(v) for k, v in schema.items()}
+    return copy.deepcopy(schema)
+
+
+def _merge(base: dict, update: Mapping) -> dict:
+    for k, v in update.items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = copy.deepcopy(v)
+    return base
+
+
+def apply_override(opt: dict, assignment: str) -> None:
+    """`a.b.c=value` (value parsed as YAML: 1e-4, [1, 2], true, ~) set in place; the key must exist."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise OptionError(f"--set expects KEY=VALUE with a dotted key, got {assignment!r}")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    node = opt
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise OptionError(f"--set {key}: {part!r} is not a mapping")
+    node[parts[-1]] = value
+    _check({parts[0]: opt[parts[0]]}, SCHEMA, "")
+
+
+def _resolve_paths(opt: dict) -> None:
+    """`assets://x` -> the packaged file; `~` and environment variables expanded everywhere."""
+    assets = resources.files("rgt") / "assets"
+
+    def fix(v):
+        if not isinstance(v, str) or not v:
+            return v
+        if v.startswith(ASSETS_PREFIX):
+            return str(Path(str(assets)) / v[len(ASSETS_PREFIX):])
+        return os.path.expanduser(os.path.expandvars(v))
+
+    for ds in opt["datasets"].values():
+        for k in ("dataroot_gt", "dataroot_lq", "meta_info_file"):
+            ds[k] = fix(ds.get(k))
+    for k in ("pretrain_network_g", "resume_state", "experiments_root"):
+        opt["path"][k] = fix(opt["path"].get(k))
+
+
+def _check_network(net: Any) -> dict:
+    """network_g without `type`, its keys checked against rgt.RGT's constructor."""
+    from rgt.arch import RGT
+
+    if not isinstance(net, Mapping):
+        raise OptionError("option 'network_g' is required: {type: RGT, upscale: ..., embed_dim: ...}")
+    net = dict(net)
+    kind = net.pop("type", "RGT")
+    if kind != "RGT":
+        raise OptionError(f"network_g.type must be RGT, got {kind!r}")
+    known = set(inspect.signature(RGT.__init__).parameters) - {"self", "kwargs", "act_layer", "norm_layer"}
+    for key in net:
+        if key not in known:
+            raise OptionError(f"unknown option 'network_g.{key}'; rgt.RGT accepts: {', '.join(sorted(known))}")
+    return net
+
+
+def finalize(opt: dict) -> dict:
+    """Fill defaults, resolve paths, check values that the schema cannot (types of the main knobs)."""
+    opt = _merge(_defaults(SCHEMA), opt)
+    for key, ds in opt["datasets"].items():
+        if key != "train":
+            opt["datasets"][key] = _merge(_defaults(_VAL_DATASET), ds)
+    opt["network_g"] = _check_network(opt.get("network_g"))
+    scale = opt["network_g"].setdefault("upscale", opt["scale"])
+    if scale != opt["scale"]:
+        raise OptionError(f"network_g.upscale ({scale}) differs from scale ({opt['scale']})")
+    metrics = opt["val"]["metrics"] or {"psnr": {"type": "calculate_psnr"}}
+    opt["val"]["metrics"] = {name: _merge(_defaults(_METRIC), m or {}) for name, m in metrics.items()}
+    for name, m in opt["val"]["metrics"].items():
+        if m["type"] not in ("calculate_psnr", "calculate_ssim"):
+            raise OptionError(f"val.metrics.{name}.type must be calculate_psnr or calculate_ssim, got {m['type']!r}")
+    t = opt["train"]
+    for key in ("total_iter", "accumulate"):
+        t[key] = int(float(t[key]))
+        if t[key] < 1:
+            raise OptionError(f"train.{key} must be >= 1, got {t[key]}")
+    if t["amp"] not in (None, "bf16"):
+        raise OptionError(f"train.amp must be ~ or bf16, got {t['amp']!r}")
+    for key in ("val_freq",):
+        opt["val"][key] = int(float(opt["val"][key]))
+    for key in ("print_freq", "save_checkpoint_freq"):
+        opt["logger"][key] = int(float(opt["logger"][key]))
+    return opt
+
+
+def load_options(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> dict:
+    """Read a YAML option file (None: the bundled quickstart), apply `a.b=value` overrides, check, fill defaults."""
+    if path is None:
+        text = (resources.files("rgt") / "assets" / "quickstart.yml").read_text()
+        source = Path("<quickstart>")
+    else:
+        source = Path(path)
+        if not source.is_file():
+            raise OptionError(f"option file not found: {source}")
+        text = source.read_text()
+    try:
+        opt = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise OptionError(f"{source}: not valid YAML: {exc}") from exc
+    try:
+        _check(opt, SCHEMA, "")
+        for assignment in overrides:
+            apply_override(opt, assignment)
+        opt = finalize(opt)
+    except OptionError as exc:
+        raise OptionError(f"{source}: {exc}") from exc
+    _resolve_paths(opt)
+    return opt
