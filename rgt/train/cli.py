@@ -73,6 +73,7 @@ def _options(args: argparse.Namespace) -> dict:
 
 
 def _setup_logging(root: Path, name: str, main: bool) -> Path | None:
+    """Console (INFO on rank 0, WARNING elsewhere) and, on rank 0, a DEBUG log file; undone by _reset_logging."""
     logger = logging.getLogger("rgt")
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
@@ -87,6 +88,14 @@ def _setup_logging(root: Path, name: str, main: bool) -> Path | None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger.addHandler(handler)
     return path
+
+
+def _reset_logging() -> None:
+    logger = logging.getLogger("rgt")
+    for handler in logger.handlers:
+        handler.close()
+    logger.handlers, logger.propagate = [], True
+    logger.setLevel(logging.NOTSET)
 
 
 def _resume_from(opt: dict, auto: bool, root: Path) -> Path | None:
@@ -124,6 +133,7 @@ def run(args: argparse.Namespace) -> None:
         if d.is_main:
             _report(opt, root, result, log_file)
     finally:
+        _reset_logging()
         dist_util.cleanup(d)
 
 

@@ -95,16 +95,21 @@ def _is_eval_set(key: str) -> bool:
 
 
 def _check(value: Any, schema: Any, where: str) -> None:
+    """Raise OptionError at the first key of `value` that `schema` does not know."""
+    if where == "val.metrics" and isinstance(value, Mapping):  # {metric name: {type, crop_border, ...}}
+        for name, metric in value.items():
+            _check(metric or {}, _METRIC, f"{where}.{name}")
+        return
     if schema is ANY or not isinstance(schema, dict):
         return
     if not isinstance(value, Mapping):
         raise OptionError(f"option {where!r} must be a mapping, got {type(value).__name__}: {value!r}")
     for key, sub in value.items():
         path = f"{where}.{key}" if where else str(key)
+        if where == "datasets" and key != "train" and sub is None:
+            continue  # `--set datasets.val=~` removes a validation set
         if where == "datasets" and _is_eval_set(str(key)):
             _check(sub, _VAL_DATASET, path)
-        elif where == "val.metrics":
-            _check(sub, _METRIC, path)
         elif key in schema:
             _check(sub, schema[key], path)
         else:
@@ -183,6 +188,7 @@ def _check_network(net: Any) -> dict:
 def finalize(opt: dict) -> dict:
     """Fill defaults, resolve paths, check values that the schema cannot (types of the main knobs)."""
     opt = _merge(_defaults(SCHEMA), opt)
+    opt["datasets"] = {k: v for k, v in opt["datasets"].items() if v is not None}
     for key, ds in opt["datasets"].items():
         if key != "train":
             opt["datasets"][key] = _merge(_defaults(_VAL_DATASET), ds)
@@ -200,6 +206,15 @@ def finalize(opt: dict) -> dict:
         t[key] = int(float(t[key]))
         if t[key] < 1:
             raise OptionError(f"train.{key} must be >= 1, got {t[key]}")
+    try:  # YAML 1.1 reads 1e-4 (no dot) as a string; BasicSR files write !!float for that reason
+        t["optim_g"]["lr"] = float(t["optim_g"]["lr"])
+        t["optim_g"]["betas"] = [float(b) for b in t["optim_g"].get("betas", (0.9, 0.999))]
+        t["scheduler"]["gamma"] = float(t["scheduler"]["gamma"])
+        t["scheduler"]["milestones"] = [int(float(m)) for m in t["scheduler"]["milestones"]]
+        for key in ("ema_decay", "grad_clip"):
+            t[key] = float(t[key] or 0.0)
+    except (TypeError, ValueError) as exc:
+        raise OptionError(f"train: a number was expected: {exc}") from exc
     if t["amp"] not in (None, "bf16"):
         raise OptionError(f"train.amp must be ~ or bf16, got {t['amp']!r}")
     for key in ("val_freq",):

@@ -1,0 +1,250 @@
+"""rgt.train on CPU: options, data, EMA, quickstart smoke, checkpoints, fine-tuning, NaN stop."""
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import rgt
+from rgt.train import DataError, OptionError, TrainingDiverged, load_options, train
+from rgt.train.cli import main
+from rgt.train.dataset import InfiniteSampler, SRDataset, dihedral
+from rgt.train.ema import EMA
+from rgt.train.loop import Trainer
+from rgt.train.distributed import setup
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = Path(rgt.__file__).parent / "assets"
+TINY_RUN = ("num_gpu=0", "datasets.train.gt_size=32", "datasets.train.batch_size_per_gpu=2",
+            "datasets.train.num_worker_per_gpu=0", "val.val_freq=1000", "logger.print_freq=1")
+
+
+def tiny_opt(tmp_path: Path, *overrides: str) -> dict:
+    """The quickstart with 16-px LR patches, batch 2, no validation set unless asked."""
+    return load_options(None, [*TINY_RUN, f"path.experiments_root={tmp_path / 'exp'}", "datasets.val=~",
+                               *overrides])
+
+
+# ------------------------------------------------------------------------------------------------ options
+
+
+def test_official_configs_parse():
+    opt = load_options(REPO / "configs" / "train_RGT_S_x4.yml")
+    assert opt["network_g"]["depth"] == [6] * 6 and opt["network_g"]["upscale"] == 4
+    assert opt["datasets"]["train"]["gt_size"] == 256 and opt["datasets"]["train"]["filename_tmpl"] == "{}x4"
+    assert opt["train"]["scheduler"]["milestones"] == [250000, 400000, 450000, 475000]
+    assert opt["path"]["strict_load_g"] is False and opt["path"]["pretrain_network_g"].endswith("RGT_S_x2.pth")
+    assert opt["val"]["val_freq"] == 5000 and opt["val"]["metrics"]["psnr"]["crop_border"] == 4
+    for name in ("RGT", "RGT_S"):
+        for s in (2, 3, 4):
+            o = load_options(REPO / "configs" / f"train_{name}_x{s}.yml")
+            assert o["scale"] == s and o["datasets"]["train"]["gt_size"] == 64 * s
+            assert len(o["network_g"]["depth"]) == (8 if name == "RGT" else 6)
+    assert (REPO / "configs" / "quickstart.yml").read_text() == (ASSETS / "quickstart.yml").read_text()
+
+
+def test_overrides():
+    opt = load_options(REPO / "configs" / "train_RGT_x2.yml",
+                       ["train.total_iter=1000", "train.optim_g.lr=1e-4", "train.scheduler.milestones=[500, 800]",
+                        "datasets.train.dataroot_gt=/data/HR"])
+    assert opt["train"]["total_iter"] == 1000 and opt["train"]["optim_g"]["lr"] == 1e-4
+    assert opt["train"]["scheduler"]["milestones"] == [500, 800]
+    assert opt["datasets"]["train"]["dataroot_gt"] == "/data/HR"
+
+
+@pytest.mark.parametrize("doc, key", [
+    ({"train": {"optim_g": {"lrr": 1}}}, "train.optim_g.lrr"),
+    ({"trian": {}}, "trian"),
+    ({"network_g": {"type": "RGT", "embed_dims": 60}}, "network_g.embed_dims"),
+    ({"datasets": {"val_1": {"dataroot_gt": "x", "gt_size": 64}}}, "datasets.val_1.gt_size"),
+    ({"val": {"metrics": {"psnr": {"crop": 4}}}}, "val.metrics.psnr.crop"),
+])
+def test_unknown_keys_rejected(tmp_path, doc, key):
+    base = yaml.safe_load((REPO / "configs" / "train_RGT_x2.yml").read_text())
+    for k, v in doc.items():
+        base[k] = {**base.get(k, {}), **v} if isinstance(base.get(k), dict) else v
+    path = tmp_path / "bad.yml"
+    path.write_text(yaml.safe_dump(base))
+    with pytest.raises(OptionError, match=f"'{key}'"):
+        load_options(path)
+
+
+def test_override_unknown_key_rejected():
+    with pytest.raises(OptionError, match="'train.totl_iter'"):
+        load_options(None, ["train.totl_iter=5"])
+    with pytest.raises(OptionError, match="KEY=VALUE"):
+        load_options(None, ["train.total_iter"])
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+
+def test_hr_only_patch_equals_crop_of_degraded_image():
+    """Degrading patch + margin gives exactly the crop of the whole degraded image, borders included."""
+    ds = SRDataset(ASSETS / "images" / "val", None, 3, gt_size=48, hflip=False, rot=False)
+    whole = ds._whole(0)
+    gen = torch.Generator().manual_seed(0)
+    hh, ww = whole["lq"].shape[-2:]
+    corners = [(0, 0), (hh - 16, ww - 16)] + [tuple(int(torch.randint(0, n - 16, (), generator=gen)) for n in
+                                                     (hh, ww)) for _ in range(3)]
+    hr = whole["gt"]
+    for top, left in corners:
+        lq, gt = ds._degraded_patch(hr, top, left, 16)
+        assert torch.equal(lq, whole["lq"][:, top:top + 16, left:left + 16])
+        assert torch.equal(gt, hr[:, 3 * top:3 * top + 48, 3 * left:3 * left + 48])
+
+
+def _paired(tmp_path: Path, scale: int = 2) -> tuple[Path, Path]:
+    hr_dir, lr_dir = tmp_path / "HR", tmp_path / f"X{scale}"
+    hr_dir.mkdir()
+    lr_dir.mkdir()
+    for name in ("chelsea", "rocket"):
+        hr = rgt.data.read_image(ASSETS / "images" / "val" / f"{name}.png").image
+        rgt.data.write_image(hr_dir / f"{name}.png", hr)
+        rgt.data.write_image(lr_dir / f"{name}x{scale}.png", rgt.data.bicubic_degrade(hr, scale))
+    return hr_dir, lr_dir
+
+
+def test_paired_patches_aligned_and_augmented(tmp_path):
+    hr_dir, lr_dir = _paired(tmp_path)
+    ds = SRDataset(hr_dir, lr_dir, 2, filename_tmpl="{}x2", gt_size=64)
+    seen = set()
+    for pos in range(40):
+        item = ds[(pos % 2, (1, 0, pos))]
+        assert item["lq"].shape == (3, 32, 32) and item["gt"].shape == (3, 64, 64)
+        # aligned: the LR patch is the bicubic image of the HR patch, up to border effects and rounding
+        inner = rgt.data.bicubic_degrade(item["gt"], 2, quantize=True)[:, 4:-4, 4:-4]
+        assert (inner - item["lq"][:, 4:-4, 4:-4]).abs().max() < 0.02
+        seen.add(tuple(item["lq"][0, :2, :2].flatten().tolist()))
+    x = torch.arange(12.0).view(1, 3, 4)
+    transforms = {dihedral(x, a, b, c).flatten().tolist().__repr__() for a in (0, 1) for b in (0, 1) for c in (0, 1)}
+    assert len(transforms) == 8
+    assert torch.equal(ds[(0, (1, 0, 5))]["lq"], ds[(0, (1, 0, 5))]["lq"])  # the key decides everything
+
+
+def test_data_errors_name_the_file(tmp_path):
+    hr_dir, lr_dir = _paired(tmp_path)
+    (lr_dir / "rocketx2.png").unlink()
+    with pytest.raises(DataError, match="rocketx2.png"):
+        SRDataset(hr_dir, lr_dir, 2, filename_tmpl="{}x2", gt_size=64)
+    (hr_dir / "rocket.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="rocket.png"):
+        SRDataset(hr_dir, None, 2, gt_size=64)[(1, (0, 0, 0))]
+    with pytest.raises(DataError, match="chelsea.png.*smaller than the 100x100"):
+        SRDataset(hr_dir, None, 2, gt_size=200)[(0, (0, 0, 0))]
+    with pytest.raises(DataError, match="folder not found"):
+        SRDataset(tmp_path / "nope", None, 2)
+
+
+def test_sampler_shards_and_resumes():
+    def take(s, n):
+        it = iter(s)
+        return [next(it) for _ in range(n)]
+
+    ranks = [take(InfiniteSampler(10, seed=3, rank=r, world=2), 5) for r in range(2)]
+    assert sorted(i for r in ranks for i, _ in r) == list(range(10))  # one epoch, disjoint shards
+    full = take(InfiniteSampler(7, seed=3), 20)
+    assert take(InfiniteSampler(7, seed=3, start=9), 11) == full[9:]
+    assert sorted(i for i, _ in full[7:14]) == list(range(7))
+
+
+# ---------------------------------------------------------------------------------------------------- EMA
+
+
+def test_ema_update_rule():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = EMA(net, 0.9)
+    start = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))
+        net[1].running_mean.fill_(2.0)
+    ema.update(net)
+    for name, p in net.named_parameters():
+        expected = 0.9 * start[name] + 0.1 * p
+        torch.testing.assert_close(ema.module.state_dict()[name], expected, rtol=0, atol=1e-7)
+    assert torch.equal(ema.module[1].running_mean, net[1].running_mean)  # buffers copied
+    assert not any(p.requires_grad for p in ema.module.parameters())
+    with pytest.raises(ValueError, match="ema_decay"):
+        EMA(net, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def test_quickstart_cli_smoke(tmp_path, capsys):
+    """`python -m rgt.train` for 2 iterations: checkpoint, state, log, validation against bicubic."""
+    root = tmp_path / "exp"
+    main(["--set", "train.total_iter=2", "--set", f"path.experiments_root={root}", "--cpu",
+          *[a for s in TINY_RUN for a in ("--set", s)]])
+    err = capsys.readouterr().err
+    assert "validation bundled_val: psnr" in err and "bicubic" in err and str(root / "models") in err
+    ckpt = torch.load(root / "models" / "net_g_2.pth", weights_only=True)
+    assert set(ckpt) == {"params", "params_ema"}
+    assert (root / "training_states" / "2.state").is_file() and (root / "train_quickstart_RGT_x2.log").is_file()
+    net = rgt.RGT(**load_options(None)["network_g"])
+    rgt.load_checkpoint(net, root / "models" / "net_g_2.pth")  # prefers params_ema
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, ckpt["params_ema"][k]), k
+    assert "rwin_attention" in (root / "train_quickstart_RGT_x2.log").read_text()
+
+
+def test_resume_reproduces_losses(tmp_path):
+    """6 iterations in one go == 3 iterations, stop, resume to 6 (EMA, LR milestone, drop path, workers)."""
+    common = ("train.scheduler.milestones=[4]", "network_g.drop_path_rate=0.2", "logger.save_checkpoint_freq=3")
+    full = train(tiny_opt(tmp_path / "a", "train.total_iter=6", *common))
+    train(tiny_opt(tmp_path / "b", "train.total_iter=3", *common))
+    root = tmp_path / "b" / "exp"
+    resumed = train(tiny_opt(tmp_path / "b", "train.total_iter=6", "datasets.train.num_worker_per_gpu=2", *common),
+                    resume=root / "training_states" / "3.state")
+    assert sorted(resumed.losses) == [4, 5, 6]
+    assert [resumed.losses[i] for i in (4, 5, 6)] == [full.losses[i] for i in (4, 5, 6)]
+    a = torch.load(tmp_path / "a" / "exp" / "models" / "net_g_6.pth", weights_only=True)
+    b = torch.load(root / "models" / "net_g_6.pth", weights_only=True)
+    for key in ("params", "params_ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+
+
+def test_accumulate_and_clip_run(tmp_path):
+    result = train(tiny_opt(tmp_path, "train.total_iter=1", "train.accumulate=2", "train.grad_clip=0.01",
+                            "train.ema_decay=0"))
+    assert list(result.losses) == [1] and result.ema is None
+    assert set(torch.load(result.checkpoint, weights_only=True)) == {"params"}
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    opt = tiny_opt(tmp_path, "train.total_iter=4", "logger.save_checkpoint_freq=2")
+    trainer = Trainer(opt, setup(0))
+    real = trainer.criterion
+
+    def poisoned(out, gt):
+        return real(out, gt) * (float("nan") if trainer.iter == 2 else 1.0)
+
+    trainer.criterion = poisoned
+    with pytest.raises(TrainingDiverged, match=r"iteration 3.*2\.state"):
+        trainer.run()
+    assert sorted(p.name for p in (tmp_path / "exp" / "training_states").iterdir()) == ["2.state"]
+
+
+@pytest.mark.parametrize("scale, skipped, missing", [
+    (3, ["upsample.0.weight", "upsample.0.bias"], ["upsample.0.weight", "upsample.0.bias"]),
+    (4, [], ["upsample.2.weight", "upsample.2.bias"]),
+])
+def test_finetune_from_x2_reports_skipped_keys(tmp_path, caplog, scale, skipped, missing):
+    net_g = load_options(None)["network_g"]
+    x2 = tmp_path / "x2.pth"
+    rgt.save_checkpoint(rgt.RGT(**net_g), x2)
+    opt = tiny_opt(tmp_path, f"scale={scale}", f"network_g.upscale={scale}", f"path.pretrain_network_g={x2}",
+                   "path.strict_load_g=false", f"datasets.train.gt_size={16 * scale}")
+    with caplog.at_level(logging.INFO, logger="rgt"):
+        Trainer(opt, setup(0))
+    text = caplog.text
+    for k in skipped:
+        assert f"skipping {k}" in text
+    assert f"{len(missing)} missing keys {missing}" in text
+    with pytest.raises(RuntimeError, match="size mismatch|Missing key"):
+        Trainer(load_options(None, [*TINY_RUN, f"scale={scale}", f"network_g.upscale={scale}",
+                                    f"path.pretrain_network_g={x2}"]), setup(0))
