@@ -37,6 +37,9 @@ from ._common import launch
 MAX_HEAD_DIM = 64
 RESIDENT_KV = 256  # N' up to this: one key block, K/V stay on chip (forward), dq fused into the dk/dv pass
 STREAM_BLOCK_N = 64  # key block when K/V are streamed
+# Programs to aim for (H100/H200: 132 SMs): forward packs query tiles per program down to about this many,
+# backward splits the query axis up to about this many. Tests lower them to exercise the loops.
+TARGET_PROGRAMS = {"fwd": 1024, "bwd": 512}
 _LOG2E = math.log2(math.e)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -82,8 +85,9 @@ def _rgsa_attn_fwd_kernel(
 ):
     """Program (i, b*heads + h): query tiles [i*tiles_per_prog, (i+1)*tiles_per_prog) of head (b, h).
 
-    Writes out = softmax(q k^T * scale) v and lse = log(sum_j exp(q.k_j * scale)) (fp32, natural log) per
-    row. KV_RESIDENT (N' <= BLOCK_N): K^T and V are loaded once per program, before the query loop.
+    Writes out = softmax(q k^T * scale) v and, per row, lse = log2(sum_j 2^(q.k_j * scale * log2(e))), the
+    log-sum-exp in base 2 (fp32): the backward subtracts it from base-2 logits with no conversion rounding.
+    KV_RESIDENT (N' <= BLOCK_N): K^T and V are loaded once per program, before the query loop.
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -112,7 +116,7 @@ def _rgsa_attn_fwd_kernel(
                 v = _load(V, kb, n_kv, stride_vn, cv, dv, stride_vd, 0.0)
                 m_i, l_i, acc = _fwd_step(q, kt, v, kb < n_kv, m_i, l_i, acc, qk_scale, DOT_PREC)
         _store(Out, acc / l_i[:, None], rows, n_q, stride_om, cv, dv, stride_od)
-        tl.store(Lse + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=rows < n_q)
+        tl.store(Lse + rows, m_i + tl.log2(l_i), mask=rows < n_q)
 
 
 @triton.jit
@@ -150,7 +154,7 @@ def _rgsa_attn_bwd_dq_kernel(
     o = _load(Out, rows, n_q, stride_om, cv, dv, stride_od, 0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(Delta + rows, delta, mask=rows < n_q)
-    lse2 = tl.load(Lse + rows, mask=rows < n_q, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(Lse + rows, mask=rows < n_q, other=0.0)
     dq = tl.zeros([BLOCK_M, DQK], tl.float32)
     for start in range(0, n_kv, BLOCK_N):
         kb = start + kn
@@ -217,7 +221,7 @@ def _rgsa_attn_bwd_kernel(
         else:
             delta = tl.load(Delta + rows, mask=rows < n_q, other=0.0)
         # lse = +inf on rows past N gives P = 0 there; masking padded keys keeps exp2 finite (no inf * 0).
-        lse2 = tl.load(Lse + rows, mask=rows < n_q, other=float("inf")) * 1.4426950408889634
+        lse2 = tl.load(Lse + rows, mask=rows < n_q, other=float("inf"))
         st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
         pt = tl.exp2(tl.where((kb < n_kv)[:, None], st, float("-inf")) - lse2[None, :])
         dv_acc = tl.dot(pt.to(do.dtype), do, dv_acc, input_precision=DOT_PREC)
@@ -287,23 +291,23 @@ def _dims(q: Tensor, v: Tensor) -> dict:
 
 def _fwd_config(N: int, n_kv: int, BH: int) -> dict:
     """One config per shape class (H100/H200 guess, untuned): resident K/V up to 256 keys, then streamed.
-    Resident programs take several query tiles each so that about 1024 programs remain."""
+    Resident programs take several query tiles each so that about TARGET_PROGRAMS["fwd"] programs remain."""
     resident = n_kv <= RESIDENT_KV
     block_n = max(16, triton.next_power_of_2(n_kv)) if resident else STREAM_BLOCK_N
     block_m = 128 if block_n <= 64 else 64
     n_tiles = triton.cdiv(N, block_m)
-    tiles = min(16, max(1, n_tiles * BH // 1024)) if resident else 1
+    tiles = min(16, max(1, n_tiles * BH // TARGET_PROGRAMS["fwd"])) if resident else 1
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "KV_RESIDENT": resident, "tiles": tiles,
             "num_warps": 4 if block_m * block_n <= 8192 else 8, "num_stages": 2}
 
 
 def _bwd_config(N: int, n_kv: int, BH: int) -> dict:
-    """Backward tiles and the split of the query axis: about 512 programs (4 per SM) for the dk/dv pass."""
+    """Backward tiles, and the split of the query axis into about TARGET_PROGRAMS["bwd"] dk/dv programs."""
     fuse = n_kv <= RESIDENT_KV
     block_n = max(16, triton.next_power_of_2(n_kv)) if fuse else STREAM_BLOCK_N
     block_m = min(64, max(16, 8192 // block_n))
     n_tiles = max(1, triton.cdiv(N, block_m))
-    splits = min(n_tiles, triton.cdiv(512, triton.cdiv(n_kv, block_n) * BH))
+    splits = min(n_tiles, triton.cdiv(TARGET_PROGRAMS["bwd"], triton.cdiv(n_kv, block_n) * max(1, BH)))
     per_split = triton.cdiv(n_tiles, splits)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "FUSE_DQ": fuse, "n_tiles": n_tiles,
             "splits": triton.cdiv(n_tiles, per_split), "per_split": per_split,
@@ -316,7 +320,8 @@ def rgsa_attn_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor
     Args:
         q: (B, h, N, dqk), k: (B, h, N', dqk), v: (B, h, N', dv); any strides, one dtype.
     Returns:
-        out (B, h, N, dv) in q's dtype, a view of (B, N, h, dv) memory; lse (B, h, N) fp32, natural log.
+        out (B, h, N, dv) in q's dtype, a view of (B, N, h, dv) memory; lse (B, h, N) fp32, in base 2
+        (log2 of the row sum of 2^(q k^T * scale * log2(e)), i.e. the natural log-sum-exp times log2(e)).
     """
     out, lse = alloc_fwd(q, k, v)
     B, H, N, dqk = q.shape
