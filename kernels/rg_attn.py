@@ -280,11 +280,17 @@ def alloc_bwd(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return _token_major(B, H, N, dqk, q), _token_major(B, H, n_kv, dqk, k), _token_major(B, H, n_kv, dv, v)
 
 
+def _tile(n) -> int:
+    """Power of two >= 16 (the tl.dot minimum) covering n. int() specialises a symbolic size under
+    torch.compile: tile sizes are compile-time constants anyway."""
+    return max(16, triton.next_power_of_2(int(n)))
+
+
 def _dims(q: Tensor, v: Tensor) -> dict:
-    """Padded head dims (powers of two >= 16, the tl.dot minimum) and the dot precision (IEEE for fp32)."""
+    """Padded head dims and the dot precision (IEEE for fp32: TF32 would cost ~1e-3 relative)."""
     return {
-        "DQK": max(16, triton.next_power_of_2(q.shape[3])),
-        "DV": max(16, triton.next_power_of_2(v.shape[3])),
+        "DQK": _tile(q.shape[3]),
+        "DV": _tile(v.shape[3]),
         "DOT_PREC": "ieee" if q.dtype == torch.float32 else "tf32",
     }
 
@@ -293,7 +299,7 @@ def _fwd_config(N: int, n_kv: int, BH: int) -> dict:
     """One config per shape class (H100/H200 guess, untuned): resident K/V up to 256 keys, then streamed.
     Resident programs take several query tiles each so that about TARGET_PROGRAMS["fwd"] programs remain."""
     resident = n_kv <= RESIDENT_KV
-    block_n = max(16, triton.next_power_of_2(n_kv)) if resident else STREAM_BLOCK_N
+    block_n = _tile(n_kv) if resident else STREAM_BLOCK_N
     block_m = 128 if block_n <= 64 else 64
     n_tiles = triton.cdiv(N, block_m)
     tiles = min(16, max(1, n_tiles * BH // TARGET_PROGRAMS["fwd"])) if resident else 1
@@ -304,7 +310,7 @@ def _fwd_config(N: int, n_kv: int, BH: int) -> dict:
 def _bwd_config(N: int, n_kv: int, BH: int) -> dict:
     """Backward tiles, and the split of the query axis into about TARGET_PROGRAMS["bwd"] dk/dv programs."""
     fuse = n_kv <= RESIDENT_KV
-    block_n = max(16, triton.next_power_of_2(n_kv)) if fuse else STREAM_BLOCK_N
+    block_n = _tile(n_kv) if fuse else STREAM_BLOCK_N
     block_m = min(64, max(16, 8192 // block_n))
     n_tiles = max(1, triton.cdiv(N, block_m))
     splits = min(n_tiles, triton.cdiv(TARGET_PROGRAMS["bwd"], triton.cdiv(n_kv, block_n) * max(1, BH)))
