@@ -4,12 +4,14 @@ Without CUDA the kernels run in the Triton interpreter on CPU (tests/conftest.py
 2 heads, N of a few dozen tokens (never a multiple of the 64/128-row blocks).
 """
 
+import copy
+
 import pytest
-import rgt.kernels.rg_attn as rg_attn
 import torch
-from _utils import gen
+from _utils import TINY, deterministic_fill, gen
 from torch.profiler import ProfilerActivity, profile
 
+from rgt import RGT
 from rgt.ops import reference, rgsa_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -94,7 +96,7 @@ def test_extreme_logits(n_kv, logits):
 def test_multi_tile_programs(monkeypatch, n_kv):
     """Few programs: forward programs loop over several query tiles (resident K/V), backward programs over
     several query tiles of their split; at the default targets these tiny sizes get one tile per program."""
-    monkeypatch.setattr(rg_attn, "TARGET_PROGRAMS", {"fwd": 1, "bwd": 1})
+    monkeypatch.setattr("rgt.kernels.rg_attn.TARGET_PROGRAMS", {"fwd": 1, "bwd": 1})
     _check_fp32(f"rgsa-tiles-{n_kv}", 200, n_kv, 6, 12)
 
 
@@ -147,7 +149,7 @@ def test_large_shapes_gpu(N, n_kv):
 
 def test_backward_is_deterministic(monkeypatch):
     """Several query splits per key block: their fp32 partial dk/dv are summed in a fixed order."""
-    monkeypatch.setattr(rg_attn, "TARGET_PROGRAMS", {"fwd": 1024, "bwd": 4096})
+    monkeypatch.setattr("rgt.kernels.rg_attn.TARGET_PROGRAMS", {"fwd": 1024, "bwd": 4096})
     (q, k, v), do = _inputs("rgsa-determinism", 150, 17, 15, 30)
     first, second = (_run(_fused, q, k, v, do, 0.25) for _ in range(2))
     for a, b in zip(first, second, strict=True):
@@ -213,3 +215,41 @@ def test_reference_gradcheck():
     (q, k, v), _ = _inputs("rgsa-gradcheck", 6, 3, 3, 6)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     assert torch.autograd.gradcheck(lambda *a: reference.rgsa_attention(*a, 0.5), leaves, fast_mode=True)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_model_auto_matches_reference(training):
+    """Tiny RGT in fp32, kernels="auto" (fused RG-SA; other ops fused where available) vs "reference", both
+    against the float64 reference model: output and every parameter gradient within 2x the fp32 reference's
+    own error, + atol = 1e-6 of the largest value (parameters whose exact gradient is ~0, e.g. the keys' with
+    N' = 1, where the reference's fp32 softmax backward gives exact zeros and the fused one fp32 noise).
+    20x24 input: eval has one representative token (N' = 1), training 5x6 = 30."""
+    model = RGT(**TINY, drop_path_rate=0.0, kernels="reference").train(training)
+    deterministic_fill(model)
+    x = torch.rand(1, 3, 20, 24, generator=gen(f"rgsa-model-{training}"), dtype=torch.float64)
+    exact, _ = _model_step(copy.deepcopy(model).double(), x, "reference")
+    ref32, ref_ops = _model_step(copy.deepcopy(model), x, "reference")
+    auto32, auto_ops = _model_step(model, x, "auto")
+    assert not ref_ops and {"rgt::rgsa_attn_fwd", "rgt::rgsa_attn_bwd"} <= auto_ops, (ref_ops, auto_ops)
+    grad_scale = max(g.abs().max().item() for n, g in exact.items() if n != "out")
+    for name, e in exact.items():
+        atol = 1e-6 * (e.abs().max().item() if name == "out" else grad_scale)
+        err, ref_err = ((r[name] - e).abs().max().item() for r in (auto32, ref32))
+        assert err <= 2 * ref_err + atol, f"{name}: auto {err:.3g}, reference {ref_err:.3g}"
+
+
+def _model_step(model, x, mode):
+    """float64 output and parameter gradients (fixed random upstream gradient) under kernels=mode, on DEVICE
+    in the model's dtype, and the rgt ops that ran."""
+    model = model.to(DEVICE)
+    model.set_kernels(mode)
+    dtype = next(model.parameters()).dtype
+    result = {}
+
+    def step():
+        out = model(x.to(DEVICE, dtype))
+        out.backward(torch.randn(out.shape, generator=gen("rgsa-model-grad")).to(DEVICE, dtype))
+        result["out"] = out.detach().double()
+        result.update({n: p.grad.double() for n, p in model.named_parameters()})
+
+    return result, _ops_called(step)
