@@ -11,16 +11,16 @@ Changes from the FlashAttention-2 scheme (flash-style online softmax, log-sum-ex
   ~750k): when a head's K/V fit one tile (N' <= 256) a forward program loads them once and streams several
   query tiles past them; otherwise K/V are streamed in blocks per query tile.
 - Backward is deterministic, without atomics: programs own (key block, range of query tiles) and write fp32
-  partial dk/dv, summed over the ranges on the host side (N'*d floats per range). With all keys in one block
-  (N' <= 256) the same program also computes dq and delta = rowsum(dO*O), so P is computed once; otherwise
-  a separate dq kernel (which also writes delta) runs first.
+  partial dk/dv, summed over the ranges by one torch reduction afterwards (N'*d floats per range). With all
+  keys in one block (N' <= 256) the same program also computes dq and delta = rowsum(dO*O), so P is computed
+  once; otherwise a separate dq kernel (which also writes delta) runs first.
 - Any strides for q, k, v and dO (the model passes permuted views of Linear outputs). out, dq, dk, dv are
   allocated token-major, (B, N, heads, d) memory returned as (B, heads, N, d) views, so merging heads after
   the op is free. Base and row offsets are int64.
 
-Limits: dqk, dv <= 64; fp32/fp16/bf16 inputs of one dtype, fp32 accumulation; fp32 dots use IEEE precision
-(no TF32) so fp32 matches the reference to ~1e-6. Block sizes are one fixed config per shape class, chosen for
-an H100/H200 and not tuned on hardware.
+Limits: dqk, dv <= 64; N' >= 1; B*heads <= 65535 (CUDA grid); fp32/fp16/bf16 inputs of one dtype, fp32
+accumulation; fp32 dots use IEEE precision (no TF32) so fp32 matches the reference to ~1e-6. Block sizes are
+one fixed config per shape class, chosen for an H100/H200 and not yet tuned on hardware.
 """
 
 from __future__ import annotations

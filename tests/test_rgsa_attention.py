@@ -147,6 +147,16 @@ def test_large_shapes_gpu(N, n_kv):
     _check_fp32(f"rgsa-gpu-{N}-{n_kv}", N, n_kv, 15, 30)
 
 
+@pytest.mark.gpu
+def test_compile_matches_eager():
+    """torch.compile(fullgraph=True) traces the triton_op (fake, autograd, kernels visible to Inductor)."""
+    (q, k, v), do = _inputs("rgsa-compile", 1000, 17, 15, 30)
+    eager = _run(_fused, q, k, v, do, 0.25)
+    compiled = _run(torch.compile(_fused, fullgraph=True), q, k, v, do, 0.25)
+    for name, a, e in zip(FP32_TOL, compiled, eager, strict=True):
+        torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_backward_is_deterministic(monkeypatch):
     """Several query splits per key block: their fp32 partial dk/dv are summed in a fixed order."""
     monkeypatch.setattr("rgt.kernels.rg_attn.TARGET_PROGRAMS", {"fwd": 1024, "bwd": 4096})
