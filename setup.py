@@ -54,8 +54,10 @@ def _extension():
 
 
 setup(
-    packages=["rgt", "rgt.arch", "rgt.data", "rgt.ops", "rgt.kernels"],
+    packages=["rgt", "rgt.arch", "rgt.data", "rgt.ops", "rgt.train", "rgt.kernels"],
     package_dir={"rgt.kernels": "kernels"},
+    # The quickstart's options and bundled photographs (python -m rgt.train).
+    package_data={"rgt": ["assets/*.yml", "assets/images/README.md", "assets/images/*/*.png"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
 )

@@ -24,7 +24,7 @@ from rgt.train import distributed as dist_util
 from rgt.train import state
 from rgt.train.config import OptionError, load_options
 from rgt.train.dataset import DataError
-from rgt.train.loop import TrainingDiverged, Trainer, experiment_root
+from rgt.train.loop import Trainer, TrainingDiverged, experiment_root
 from rgt.train.validate import format_metrics
 
 log = logging.getLogger("rgt.train")

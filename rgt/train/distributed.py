@@ -61,24 +61,6 @@ def mean(d: Dist, value: torch.Tensor) -> torch.Tensor:
     return value / d.world
 
 
-def broadcast_flag(d: Dist, flag: bool) -> bool:
-    """Rank 0's boolean, on every rank (so all ranks stop together)."""
-    if not d.enabled:
-        return flag
-    t = torch.tensor([int(flag)], device=d.device)
-    dist.broadcast(t, 0)
-    return bool(t.item())
-
-
-def any_rank(d: Dist, flag: bool) -> bool:
-    """True on every rank when `flag` is true on any rank."""
-    if not d.enabled:
-        return flag
-    t = torch.tensor([int(flag)], device=d.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def cleanup(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
