@@ -63,7 +63,7 @@ class Trainer:
         self.criterion = build.loss(opt)
         decay = float(opt["train"]["ema_decay"] or 0.0)
         self.ema = EMA(self.net, decay) if decay > 0 else None
-        self.iter, self.rng = 0, None
+        self.iter, self.position, self.rng = 0, 0, None  # position: training samples this rank has drawn
         if resume:
             self._resume(resume)
         torch.manual_seed(seed + d.rank)  # BasicSR: per-rank randomness (drop path) from seed + rank
@@ -90,7 +90,7 @@ class Trainer:
             self.ema.load_state_dict(ckpt.get("params_ema", ckpt["params"]))
         self.optim.load_state_dict(training["optimizers"][0])
         self.sched.load_state_dict(training["schedulers"][0])
-        self.iter = int(training["iter"])
+        self.iter, self.position = int(training["iter"]), int(training["sampler_position"])
         rngs = training.get("rng", [])
         if len(rngs) == self.d.world:
             self.rng = rngs[self.d.rank]
@@ -152,7 +152,7 @@ class Trainer:
         path = None
         if self.d.is_main:
             training = {"optimizers": [self.optim.state_dict()], "schedulers": [self.sched.state_dict()],
-                        "rng": rngs, "samples_per_iter": self.samples_per_iter}
+                        "rng": rngs, "sampler_position": self.position}
             path = state.save(self.root, self.iter, self.net, self.ema.module if self.ema else None, training)
         dist_util.barrier(self.d)
         return path
@@ -173,13 +173,13 @@ class Trainer:
     def run(self) -> TrainResult:
         total, o = self.opt["train"]["total_iter"], self.opt
         result = TrainResult(self.root, self.iter)
-        batches = build.train_loader(o, self.d, start=self.iter * self.samples_per_iter)
+        batches = build.train_loader(o, self.d, start=self.position)
         bar = tqdm(total=total, initial=self.iter, disable=not self.d.is_main, dynamic_ncols=True, unit="it")
         t0, it0 = time.time(), self.iter
         self.net.train()
         while self.iter < total:
             loss = self._finish_step(self.step(batches))
-            self.iter += 1
+            self.iter, self.position = self.iter + 1, self.position + self.samples_per_iter
             result.losses[self.iter] = loss
             lr = self.optim.param_groups[0]["lr"]
             bar.update(1)

@@ -46,8 +46,11 @@ def atomic_save(obj: object, path: Path) -> Path:
 
 
 def rng_state() -> dict:
-    """This process's RNG states (torch CPU and CUDA, numpy, random): drop path and anything else random."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states (torch CPU and CUDA, numpy, random): drop path and anything else random.
+    numpy's key array is stored as a tensor so that the state loads with torch.load(weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -55,7 +58,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -83,12 +87,11 @@ def latest_state(root: Path) -> Path | None:
 
 
 def load_state(path: str | os.PathLike) -> tuple[dict, Path]:
-    """(training state, its model file). The state holds only tensors, numbers and RNG tuples, but numpy's RNG
-    state needs full unpickling: only resume from states you wrote."""
+    """(training state, its model file)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"resume state not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     model_file = model_path(path.parent.parent, state["iter"])
     if not model_file.is_file():
         raise FileNotFoundError(f"{path} belongs to iteration {state['iter']} but {model_file} is missing")
