@@ -29,7 +29,7 @@ def test_ddp_two_processes_gloo(tmp_path):
     script.write_text(WORKER)
     root = tmp_path / "exp"
     overrides = ["num_gpu=0", "kernels=reference", "datasets.train.gt_size=32", "datasets.train.batch_size_per_gpu=1",
-                 "datasets.train.num_worker_per_gpu=0", "datasets.val=~", "train.total_iter=3",
+                 "datasets.train.num_worker_per_gpu=0", "datasets.val=~", "train.total_iter=3", "train.accumulate=2",
                  "logger.save_checkpoint_freq=3", f"path.experiments_root={root}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),

@@ -74,10 +74,11 @@ class Trainer:
         self.tb = _tensorboard(opt, self.root) if d.is_main else None
 
     def _wrap(self) -> nn.Module:
-        net = self.net
+        """DDP (kept as self.ddp for no_sync), then torch.compile if asked: the module the steps call."""
+        net, self.ddp = self.net, None
         if self.d.enabled:
             ids = [self.d.device.index] if self.d.device.type == "cuda" else None
-            net = DistributedDataParallel(net, device_ids=ids)
+            net = self.ddp = DistributedDataParallel(net, device_ids=ids)
         if self.opt["train"]["compile"]:
             net = torch.compile(net)
         return net
@@ -116,8 +117,9 @@ class Trainer:
             batch = next(batches)
             lq = batch["lq"].to(self.d.device, non_blocking=True)
             gt = batch["gt"].to(self.d.device, non_blocking=True)
-            sync = k == n - 1 or not isinstance(self.wrapped, DistributedDataParallel)
-            with (contextlib.nullcontext() if sync else self.wrapped.no_sync()), self._autocast():
+            # gradients are all-reduced on the last micro-batch only
+            sync = k == n - 1 or self.ddp is None
+            with (contextlib.nullcontext() if sync else self.ddp.no_sync()), self._autocast():
                 loss = self.criterion(self.wrapped(lq), gt) / n
             loss.backward()
             total += loss.detach()
