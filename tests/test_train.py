@@ -190,6 +190,19 @@ def test_quickstart_cli_smoke(tmp_path, capsys):
     for k, v in net.state_dict().items():
         assert torch.equal(v, ckpt["params_ema"][k]), k
     assert "rwin_attention" in (root / "train_quickstart_RGT_x2.log").read_text()
+    main(["--set", "train.total_iter=3", "--set", f"path.experiments_root={root}", "--cpu", "--auto-resume",
+          *[a for s in TINY_RUN for a in ("--set", s)]])
+    assert f"resumed from {root / 'training_states' / '2.state'}" in capsys.readouterr().err
+    assert (root / "models" / "net_g_3.pth").is_file()
+
+
+def test_cli_errors_are_clear(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--set", "train.optim_g.lrr=1"])
+    assert exc.value.code == 2 and "unknown option 'train.optim_g.lrr'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["-opt", "missing.yml"])
+    assert exc.value.code == 2 and "option file not found: missing.yml" in capsys.readouterr().err
 
 
 def test_resume_reproduces_losses(tmp_path):

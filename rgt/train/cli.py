@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -104,8 +105,8 @@ def _resume_from(opt: dict, auto: bool, root: Path) -> Path | None:
     return state.latest_state(root) if auto else None
 
 
-def _report(opt: dict, root: Path, result, log_file: Path | None) -> None:
-    lines = [f"done: {result.last_iter} iterations in {root}"]
+def _report(root: Path, result, log_file: Path | None, seconds: float) -> None:
+    lines = [f"done: iteration {result.last_iter} reached in {seconds / 60:.1f} min; everything is in {root}"]
     if result.checkpoint:
         lines.append(f"  final weights:   {result.checkpoint}  (rgt.load_checkpoint(model, path))")
         lines.append(f"  training state:  {state.state_path(root, result.last_iter)}  (--auto-resume continues)")
@@ -117,6 +118,7 @@ def _report(opt: dict, root: Path, result, log_file: Path | None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    start = time.time()
     opt = _options(args)
     d = dist_util.setup(opt["num_gpu"])
     try:
@@ -131,7 +133,7 @@ def run(args: argparse.Namespace) -> None:
         trainer = Trainer(opt, d, resume)
         result = trainer.run()
         if d.is_main:
-            _report(opt, root, result, log_file)
+            _report(root, result, log_file, time.time() - start)
     finally:
         _reset_logging()
         dist_util.cleanup(d)
