@@ -1,4 +1,4 @@
-"""Command line of the trainer.
+r"""Train RGT super-resolution models (BasicSR-style options; one CPU to many GPUs through torchrun).
 
     python -m rgt.train                                   # bundled quickstart: small RGT, bundled photos, CPU ok
     python -m rgt.train -opt configs/train_RGT_S_x2.yml --set datasets.train.dataroot_gt=/data/DF2K/HR
@@ -39,8 +39,9 @@ class _TqdmHandler(logging.Handler):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rgt.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    head, _, examples = __doc__.partition("\n\n")
+    p = argparse.ArgumentParser(prog="python -m rgt.train", description=head,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=examples)
     p.add_argument("-opt", "--opt", default=None, help="BasicSR-style YAML (default: the bundled quickstart)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override an option, e.g. --set train.total_iter=1000 (repeatable; YAML values)")
