@@ -52,6 +52,7 @@ SCHEMA: dict[str, Any] = {
     "num_gpu": "auto",
     "manual_seed": 10,
     "kernels": "auto",  # model ops: "auto" (fused where available), "reference" or "fused"
+    "num_threads": None,  # CPU intra-op threads per process (torch.set_num_threads); None: torch's default
     "is_train": ANY,
     "dist": ANY,
     "datasets": {"train": _DATASET},  # plus any number of val* / test* entries (see _VAL_DATASET)

@@ -53,6 +53,8 @@ class Trainer:
 
     def __init__(self, opt: dict, d: dist_util.Dist, resume: str | Path | None = None):
         self.opt, self.d, self.root = opt, d, experiment_root(opt)
+        if opt["num_threads"]:
+            torch.set_num_threads(int(opt["num_threads"]))
         seed = int(opt["manual_seed"])
         torch.manual_seed(seed)  # identical initial weights on every rank
         self.net = build.model(opt, d.device)
