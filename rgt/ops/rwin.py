@@ -1,17 +1,95 @@
 """`rwin_attention`: L-SA rectangle-window attention (both branches, padding, shift, masks, bias) in one op.
 
-Fused path: a Triton kernel that does the padding, shift and region masks as index arithmetic (kernels/),
-not yet implemented.
+Fused path: the Triton kernels of `rgt.kernels.rwin_attn` behind two ops, `rgt::rwin_attn_fwd` -> (out, lse)
+and `rgt::rwin_attn_bwd` -> (dqkv, dbias), joined by `register_autograd`.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from rgt.ops import reference
 from rgt.ops._dispatch import Op, default_mode, triton_unavailable
 
-OP = Op("rwin_attention", reference.rwin_attention, None, triton_unavailable)
+try:
+    from rgt.kernels import rwin_attn as _kernels
+except ImportError:  # no Triton on this platform: reference only (triton_unavailable says why)
+    _kernels = None
+
+
+def _fwd(qkv: Tensor, bias_table: Tensor, H: int, W: int, s0: int, s1: int, shift: bool, heads: int,
+         scale: float) -> tuple[Tensor, Tensor]:
+    return _kernels.rwin_attn_fwd(qkv, bias_table, H, W, (s0, s1), shift, heads, scale)
+
+
+def _fwd_fake(qkv: Tensor, bias_table: Tensor, H: int, W: int, s0: int, s1: int, shift: bool, heads: int,
+              scale: float) -> tuple[Tensor, Tensor]:
+    B, L, C3 = qkv.shape
+    return qkv.new_empty((B, L, C3 // 3)), qkv.new_empty((B, 2, heads // 2, L), dtype=torch.float32)
+
+
+def _bwd(dout: Tensor, qkv: Tensor, bias_table: Tensor, out: Tensor, lse: Tensor, H: int, W: int, s0: int,
+         s1: int, shift: bool, heads: int, scale: float) -> tuple[Tensor, Tensor]:
+    return _kernels.rwin_attn_bwd(dout, qkv, bias_table, out, lse, H, W, (s0, s1), shift, heads, scale)
+
+
+def _bwd_fake(dout: Tensor, qkv: Tensor, bias_table: Tensor, out: Tensor, lse: Tensor, H: int, W: int,
+              s0: int, s1: int, shift: bool, heads: int, scale: float) -> tuple[Tensor, Tensor]:
+    return qkv.new_empty(qkv.shape), bias_table.new_empty(bias_table.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    qkv, bias_table, *geometry = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, bias_table, out, lse)
+    ctx.geometry = geometry  # H, W, s0, s1, shift, heads, scale
+
+
+def _backward(ctx, dout: Tensor, _dlse: Tensor | None):
+    qkv, bias_table, out, lse = ctx.saved_tensors
+    dqkv, dbias = torch.ops.rgt.rwin_attn_bwd(dout, qkv, bias_table, out, lse, *ctx.geometry)
+    return (dqkv, dbias) + (None,) * len(ctx.geometry)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("rgt::rwin_attn_fwd has no double backward (its fused backward is not differentiable);"
+                       " use kernels='reference' for higher-order gradients")
+
+
+def _register() -> None:
+    """Define rgt::rwin_attn_fwd / _bwd: triton_ops on a GPU, which torch.compile can trace into; custom_ops
+    with explicit fakes under the interpreter, where the kernels launch raw and cannot run on FakeTensors."""
+    for name, fn, fake in (("rgt::rwin_attn_fwd", _fwd, _fwd_fake), ("rgt::rwin_attn_bwd", _bwd, _bwd_fake)):
+        if _kernels.INTERPRET:
+            torch.library.custom_op(name, fn, mutates_args=()).register_fake(fake)
+        else:
+            torch.library.triton_op(name, fn, mutates_args=())
+    torch.library.register_autograd("rgt::rwin_attn_fwd", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("rgt::rwin_attn_bwd", _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+
+
+if _kernels is not None:
+    _register()
+
+
+def _fused(qkv: Tensor, bias_table: Tensor, H: int, W: int, split: tuple[int, int], shift: bool, heads: int,
+           scale: float) -> Tensor:
+    s0, s1 = split
+    return torch.ops.rgt.rwin_attn_fwd(qkv, bias_table, H, W, int(s0), int(s1), bool(shift), heads,
+                                       float(scale))[0]
+
+
+def _unavailable(x: Tensor) -> str | None:
+    """Why the Triton op cannot run on x (no GPU / Triton, or a dtype the kernel lacks), or None."""
+    reason = triton_unavailable(x)
+    if reason is None and x.dtype not in _kernels.DTYPES:
+        return f"the Triton kernel supports {_kernels.DTYPES}, not {x.dtype}"
+    return reason
+
+
+OP = Op("rwin_attention", reference.rwin_attention, _fused, _unavailable)
 
 
 def rwin_attention(qkv: Tensor, bias_table: Tensor, H: int, W: int, split: tuple[int, int], shift: bool,
@@ -20,6 +98,7 @@ def rwin_attention(qkv: Tensor, bias_table: Tensor, H: int, W: int, split: tuple
 
     Args:
         qkv: (B, H*W, 3C) projection output. bias_table: (2, M, heads // 2), M = (2*s0-1)(2*s1-1).
+        kernels: "auto" (fused where it can run, else reference), "fused" or "reference"; default RGT_KERNELS.
     Returns:
         (B, H*W, C), channels [branch 0 (s0 x s1 windows) | branch 1 (s1 x s0 windows)].
     """
