@@ -1,1 +1,13 @@
-"""RGT: the Recursive Generalization Transformer for image super-resolution (Chen et al., ICLR 2024)."""
+"""RGT: the Recursive Generalization Transformer for image super-resolution (Chen et al., ICLR 2024).
+
+    model = rgt.models.rgt_s(4)                      # official RGT-S x4 architecture
+    rgt.load_checkpoint(model, "RGT_S_x4.pth")       # official / BasicSR / slim / safetensors weights
+    sr = model.eval()(lr)                            # (B, 3, H, W) in [0, 1] -> (B, 3, 4H, 4W)
+"""
+
+from rgt import data, metrics, models
+from rgt.arch import RGT
+from rgt.checkpoint import load_checkpoint, save_checkpoint
+
+__version__ = "0.1.0"
+__all__ = ["RGT", "data", "load_checkpoint", "metrics", "models", "save_checkpoint"]

@@ -13,3 +13,33 @@ SHARED = Path(os.environ.get("RGT_SHARED", REPO.parent / "shared"))
 def gen(case_id: str) -> torch.Generator:
     """A generator seeded from a stable hash of the case name (str hash() changes per process)."""
     return torch.Generator().manual_seed(zlib.crc32(case_id.encode()))
+
+
+def deterministic_fill(model: torch.nn.Module) -> None:
+    """The spec's weight-independent fill (ARCHITECTURE.md section 10), applied in place to every parameter.
+
+    Parameters in sorted-name order, k = position: s = sin(1.7 i + 0.3 k) over the flat index i; matrices get
+    s * sqrt(2 / fan_in), 1-D weights 1 + 0.05 s, other 1-D (biases, gamma) 0.05 s.
+    """
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, name in enumerate(sorted(params)):
+            p = params[name]
+            s = torch.sin(1.7 * torch.arange(p.numel(), dtype=torch.float64) + 0.3 * k)
+            if p.ndim >= 2:
+                value = s * (2.0 / (p.numel() / p.shape[0])) ** 0.5
+            elif name.endswith("weight"):
+                value = 1 + 0.05 * s
+            else:
+                value = 0.05 * s
+            p.copy_(value.view_as(p))
+
+
+def spec_input(H: int, W: int, B: int = 1, C: int = 3) -> torch.Tensor:
+    """The spec's input x[b,c,h,w] = 0.5 + 0.4 sin(0.11 (h W + w) + 0.7 c + 0.3 b), float64."""
+    b, c, h, w = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in (B, C, H, W)), indexing="ij")
+    return 0.5 + 0.4 * torch.sin(0.11 * (h * W + w) + 0.7 * c + 0.3 * b)
+
+
+TINY = dict(upscale=2, embed_dim=36, depth=[2, 2], num_heads=[6, 6], mlp_ratio=2, split_size=[8, 32], c_ratio=0.5)
+SMALL96 = dict(TINY, embed_dim=96)

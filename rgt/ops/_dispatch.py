@@ -42,7 +42,9 @@ def triton_unavailable(x: Tensor) -> str | None:
     """Why a Triton kernel cannot run on `x`, or None when it can."""
     interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if not (x.is_cuda or interpreting):
-        return f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU); got a {x.device.type} tensor"
+        return (
+            f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU); got a {x.device.type} tensor"
+        )
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -56,8 +58,10 @@ def extension_unavailable(x: Tensor) -> str | None:
     if err is not None:
         return err
     if x.is_cuda and "cuda" not in _ext.built_kernels():
-        return ("rgt._C was built without CUDA kernels; rebuild with a CUDA torch and toolkit: "
-                "`pip install --no-build-isolation -e .`")
+        return (
+            "rgt._C was built without CUDA kernels; rebuild with a CUDA torch and toolkit: "
+            "`pip install --no-build-isolation -e .`"
+        )
     if x.device.type not in ("cpu", "cuda"):
         return f"rgt._C has no kernels for {x.device.type} tensors"
     return None
@@ -65,7 +69,7 @@ def extension_unavailable(x: Tensor) -> str | None:
 
 @dataclass(frozen=True)
 class Op:
-    """One op with its two implementations. `unavailable(x)` says why `fused` cannot run on x (None: it can)."""
+    """One op and its two implementations. `unavailable(x)` says why `fused` cannot run on x (None: it can)."""
 
     name: str
     reference: Callable
@@ -80,8 +84,10 @@ class Op:
             return self.fused
         if mode == "fused":
             exc = NotImplementedError if self.fused is None else RuntimeError
-            raise exc(f"kernels='fused': no fused {self.name} for this input: {reason}. "
-                      "Use kernels='auto' to fall back to the reference ops.")
+            raise exc(
+                f"kernels='fused': no fused {self.name} for this input: {reason}. "
+                "Use kernels='auto' to fall back to the reference ops."
+            )
         _note_fallback(self.name, reason)
         return self.reference
 
@@ -96,4 +102,3 @@ def _note_fallback(name: str, reason: str) -> None:
         warnings.warn(f"rgt: falling back to reference ops: {reason}", RuntimeWarning, stacklevel=3)
     else:
         log.debug("rgt: %s runs the reference: %s", name, reason)
-

@@ -16,8 +16,10 @@ def load_error() -> str | None:
         built = _built_torch_version()
         hint = "Build it with `pip install --no-build-isolation -e .` against the torch you run."
         if built is not None and built != torch.__version__:
-            hint = (f"It was built for torch {built} but torch {torch.__version__} is installed; rebuild with "
-                    "`pip install --no-build-isolation -e .`.")
+            hint = (
+                f"It was built for torch {built} but torch {torch.__version__} is installed; rebuild with "
+                "`pip install --no-build-isolation -e .`."
+            )
         return f"the C++ extension rgt._C could not be loaded ({exc}). {hint}"
     return None
 

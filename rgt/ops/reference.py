@@ -1,8 +1,8 @@
 """Plain-PyTorch versions of every RGT op: the oracle for the fused kernels, and the portable path.
 
 Each function reproduces the official code's arithmetic in the same order, so float64 results match it to
-rounding (~1e-15 relative per op). Geometry tables (window masks, relative-position indices) are built once per
-(geometry, device, dtype) and cached instead of rebuilt every forward.
+rounding (~1e-15 relative per op). Geometry tables (window masks, relative-position indices) are built once
+per (geometry, device, dtype) and cached instead of rebuilt every forward.
 """
 
 from __future__ import annotations
@@ -89,12 +89,13 @@ def window_merge(x: Tensor, hs: int, ws: int, B: int, Hp: int, Wp: int) -> Tenso
 
 @functools.lru_cache(maxsize=64)
 def shift_mask(Hp: int, Wp: int, hs: int, ws: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """(nW, N, N) additive mask of a shifted branch on the padded Hp x Wp grid: 0 within a region, -100 across.
+    """(nW, N, N) additive mask of a shifted branch on the padded Hp x Wp grid: 0 in a region, -100 across.
 
     Regions are the 3 x 3 bands [0, Hp-hs), [Hp-hs, Hp-hs/2), [Hp-hs/2, Hp) on rows (the same on columns with
     ws): after the cyclic shift by (hs/2, ws/2) these are the pieces that were not neighbours in the image.
-    Built in `dtype` so reduced-precision models add it without promotion (the official code's fp16/bf16 crash).
+    Built in `dtype` so reduced-precision models add it without promotion (the official fp16/bf16 crash).
     """
+
     def bands(n: int, w: int) -> Tensor:
         idx = torch.arange(n, device=device)
         return (idx >= n - w).long() + (idx >= n - w // 2).long()
@@ -105,9 +106,10 @@ def shift_mask(Hp: int, Wp: int, hs: int, ws: int, device: torch.device, dtype: 
     return torch.zeros(diff.shape, device=device, dtype=dtype).masked_fill_(diff, MASK_VALUE)
 
 
-def _window_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None, heads: int,
-                      scale: float) -> Tensor:
-    """Attention inside windows. q, k, v: (B*nW, N, c); bias: (heads, N, N); mask: (nW, N, N) -> (B*nW, N, c)."""
+def _window_attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None, heads: int, scale: float
+) -> Tensor:
+    """Attention in windows. q, k, v: (B*nW, N, c); bias: (heads, N, N); mask: (nW, N, N) -> (B*nW, N, c)."""
     Bw, N, c = q.shape
     hd = c // heads
     q, k, v = (t.reshape(Bw, N, heads, hd).transpose(1, 2) for t in (q, k, v))  # (B*nW, heads, N, hd)
@@ -119,14 +121,23 @@ def _window_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tenso
     return out.transpose(1, 2).reshape(Bw, N, c)
 
 
-def rwin_attention(qkv: Tensor, bias_table: Tensor, H: int, W: int, split: tuple[int, int], shift: bool,
-                   heads: int, scale: float) -> Tensor:
+def rwin_attention(
+    qkv: Tensor,
+    bias_table: Tensor,
+    H: int,
+    W: int,
+    split: tuple[int, int],
+    shift: bool,
+    heads: int,
+    scale: float,
+) -> Tensor:
     """Rectangle-window self-attention of L-SA (both branches), in the official padding/shift/mask semantics.
 
     The projection output is zero-padded bottom/right to a multiple of max(split) (padded tokens have
     q = k = v = 0 and still act as keys), split by channels into two branches (first half: split[0] x split[1]
     windows, second half: the transpose), cyclically shifted by half a window with region masks when `shift`,
-    attended per window and head with the gathered relative-position bias, shifted back, cropped, concatenated.
+    attended per window and head with the gathered relative-position bias, shifted back, cropped and
+    concatenated.
 
     Args:
         qkv: (B, H*W, 3C) tokens row-major, features laid out [q | k | v].
@@ -144,7 +155,7 @@ def rwin_attention(qkv: Tensor, bias_table: Tensor, H: int, W: int, split: tuple
     outs = []
     for i in range(2):
         hs, ws = branch_geometry(split, i)
-        q, k, v = (x[..., j * C + i * half: j * C + (i + 1) * half] for j in range(3))  # (B, Hp, Wp, C/2)
+        q, k, v = (x[..., j * C + i * half : j * C + (i + 1) * half] for j in range(3))  # (B, Hp, Wp, C/2)
         mask = None
         if shift:
             q, k, v = (torch.roll(t, shifts=(-(hs // 2), -(ws // 2)), dims=(1, 2)) for t in (q, k, v))
