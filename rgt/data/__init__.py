@@ -2,8 +2,8 @@
 and image file I/O. The metrics live in `rgt.metrics`; `python -m rgt.data.prepare` builds LR folders."""
 
 from rgt.data.degrade import bicubic_degrade, modcrop, quantize_uint8
-from rgt.data.resize import imresize
 from rgt.data.io import IMAGE_EXTENSIONS, ImageReadError, LoadedImage, read_image, write_image
+from rgt.data.resize import imresize
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -1,0 +1,37 @@
+"""Helpers shared by the Triton kernels: kernel launch and op definition that work on a GPU and under the
+CPU interpreter (TRITON_INTERPRET=1, read once at import like `@triton.jit` does)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def launch(kernel):
+    """`wrap_triton(kernel)` so torch.compile can trace the launch; the raw kernel under the interpreter,
+    because most torch versions reject interpreted kernels in wrap_triton (pytorch/pytorch#152868)."""
+    if INTERPRET:
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
+def triton_op(name: str, fake: Callable) -> Callable:
+    """Decorator: `torch.library.triton_op(name)` on a launcher-backed function.
+
+    triton_op registers the function itself as its fake, tracing it with FakeTensors through `wrap_triton`.
+    Under the interpreter the kernel is launched raw and would run on FakeTensors, so there the op is a
+    `custom_op` with the explicit `fake` instead (same outputs, shapes and strides).
+    """
+
+    def define(fn: Callable):
+        if INTERPRET:
+            op = torch.library.custom_op(name, fn, mutates_args=())
+            op.register_fake(fake)
+            return op
+        return torch.library.triton_op(name, fn, mutates_args=())
+
+    return define
