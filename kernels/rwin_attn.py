@@ -25,7 +25,6 @@ dropout.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -33,17 +32,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._common import INTERPRET, launch
+
 MASK_VALUE = tl.constexpr(-100.0)  # Swin-style logit penalty across shift regions (reference.MASK_VALUE)
 MAX_HEAD_DIM = 64
 MAX_WINDOW = 256
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def launch(kernel):
-    """`wrap_triton(kernel)` so torch.compile traces the launch; the raw kernel under the interpreter, because
-    most torch versions reject interpreted kernels in wrap_triton (pytorch/pytorch#152868)."""
-    return kernel if INTERPRET else torch.library.wrap_triton(kernel)
 
 
 @triton.jit

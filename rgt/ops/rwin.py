@@ -42,6 +42,7 @@ def _bwd_fake(dout: Tensor, qkv: Tensor, bias_table: Tensor, out: Tensor, lse: T
 def _setup_context(ctx, inputs, output) -> None:
     qkv, bias_table, *geometry = inputs
     out, lse = output
+    ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(qkv, bias_table, out, lse)
     ctx.geometry = geometry  # H, W, s0, s1, shift, heads, scale
 
@@ -58,16 +59,13 @@ def _no_double_backward(ctx, *grads):
 
 
 def _register() -> None:
-    """Define rgt::rwin_attn_fwd / _bwd: triton_ops on a GPU, which torch.compile can trace into; custom_ops
-    with explicit fakes under the interpreter, where the kernels launch raw and cannot run on FakeTensors."""
-    for name, fn, fake in (("rgt::rwin_attn_fwd", _fwd, _fwd_fake), ("rgt::rwin_attn_bwd", _bwd, _bwd_fake)):
-        if _kernels.INTERPRET:
-            torch.library.custom_op(name, fn, mutates_args=()).register_fake(fake)
-        else:
-            torch.library.triton_op(name, fn, mutates_args=())
+    """Define rgt::rwin_attn_fwd / _bwd (triton_ops on a GPU, custom_ops with these fakes when interpreted)."""
+    from rgt.kernels._common import triton_op
+
+    triton_op("rgt::rwin_attn_fwd", fake=_fwd_fake)(_fwd)
+    triton_op("rgt::rwin_attn_bwd", fake=_bwd_fake)(_bwd)
     torch.library.register_autograd("rgt::rwin_attn_fwd", _backward, setup_context=_setup_context)
-    torch.library.register_autograd("rgt::rwin_attn_bwd", _no_double_backward,
-                                    setup_context=lambda ctx, inputs, output: None)
+    torch.library.register_autograd("rgt::rwin_attn_bwd", _no_double_backward)
 
 
 if _kernels is not None:
