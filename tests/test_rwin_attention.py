@@ -15,10 +15,12 @@ from rgt.kernels import rwin_attn
 
 from rgt.ops import reference, rwin_attention
 
+# CPU tensors run the kernels in the Triton interpreter (conftest sets it without CUDA); CUDA ones on the GPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 vs float64: measured max 7e-7 (out, dqkv, dbias) on the cases below; the issue's target is 1e-5.
 FP32_REL = 3e-6
-# Model, fp32 fused vs fp32 reference: measured max 2.8e-5 relative; the absolute floor covers pos3's last bias,
-# whose gradient is 0 in exact arithmetic (a per-head constant cancels in the softmax): noise of 6e-9 measured.
+# Model, fp32 fused vs fp32 reference: measured max 2.8e-5 relative. The absolute floor covers pos3's last
+# bias, whose gradient is 0 in exact arithmetic (a per-head constant cancels in the softmax): 6e-9 measured.
 MODEL_REL, MODEL_ATOL = 1e-4, 3e-8
 LOW_FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # ~2 ulp of the dtype at the tensor's max
 
@@ -37,14 +39,14 @@ CASES = [
 
 
 def make_inputs(case_id: str, B: int, H: int, W: int, split, heads: int, D: int, dtype=torch.float64):
-    """qkv (B, H*W, 3C), bias table (2, M, heads//2) and an upstream gradient (B, H*W, C), all float64."""
+    """qkv (B, H*W, 3C), bias table (2, M, heads//2) and an upstream gradient (B, H*W, C) on DEVICE."""
     g = gen(case_id)
     C = heads * D
     M = (2 * split[0] - 1) * (2 * split[1] - 1)
     qkv = torch.randn(B, H * W, 3 * C, generator=g, dtype=dtype)
     bias = torch.randn(2, M, heads // 2, generator=g, dtype=dtype)
     dout = torch.randn(B, H * W, C, generator=g, dtype=dtype)
-    return qkv, bias, dout
+    return qkv.to(DEVICE), bias.to(DEVICE), dout.to(DEVICE)
 
 
 def run(fn, qkv, bias, dout, *args):
@@ -110,7 +112,7 @@ def assert_low_precision_matches(dtype, qkv, bias, dout, args):
 
 
 def test_strided_inputs_give_identical_results():
-    """qkv and the upstream gradient as permuted views (channel stride != 1): same bits as contiguous inputs."""
+    """qkv, bias and upstream gradient as permuted views (channel stride != 1): bits of contiguous ones."""
     B, H, W, split, heads, D = 1, 7, 8, (4, 8), 2, 6
     qkv, bias, dout = make_inputs("strided", B, H, W, split, heads, D, dtype=torch.float32)
     args = (H, W, split, True, heads, D**-0.5)
@@ -118,7 +120,8 @@ def test_strided_inputs_give_identical_results():
     dout_t = dout.permute(2, 0, 1).contiguous().permute(1, 2, 0)
     bias_t = bias.permute(1, 2, 0).contiguous().permute(2, 0, 1)
     assert not (qkv_t.is_contiguous() or dout_t.is_contiguous() or bias_t.is_contiguous())
-    for a, b in zip(run(fused, qkv, bias, dout, *args), run(fused, qkv_t, bias_t, dout_t, *args), strict=True):
+    strided = run(fused, qkv_t, bias_t, dout_t, *args)
+    for a, b in zip(run(fused, qkv, bias, dout, *args), strided, strict=True):
         assert torch.equal(a, b)
 
 
@@ -176,24 +179,26 @@ def test_dispatch(monkeypatch):
 def test_opcheck():
     qkv, bias, dout = make_inputs("opcheck", 1, 8, 8, (4, 8), 2, 4, dtype=torch.float32)
     args = (8, 8, 4, 8, True, 2, 0.5)
-    torch.library.opcheck(torch.ops.rgt.rwin_attn_fwd.default, (qkv.requires_grad_(), bias.requires_grad_(), *args))
-    out, lse = torch.ops.rgt.rwin_attn_fwd(qkv.detach(), bias.detach(), *args)
-    torch.library.opcheck(torch.ops.rgt.rwin_attn_bwd.default, (dout, qkv.detach(), bias.detach(), out, lse, *args))
+    fwd, bwd = torch.ops.rgt.rwin_attn_fwd.default, torch.ops.rgt.rwin_attn_bwd.default
+    torch.library.opcheck(fwd, (qkv.requires_grad_(), bias.requires_grad_(), *args))
+    out, lse = fwd(qkv.detach(), bias.detach(), *args)
+    torch.library.opcheck(bwd, (dout, qkv.detach(), bias.detach(), out, lse, *args))
 
 
 def test_model_small96_fused_matches_reference(monkeypatch):
     """RGT small96 (bias MLP of width 5, so the table varies per offset), a padded 20x24 input, eval mode:
-    'auto' (this op fused, the others possibly falling back) vs 'reference', output and every parameter grad."""
+    'auto' (this op fused, others possibly falling back) vs 'reference': output and every parameter grad."""
     from rgt import RGT
     from rgt.arch.lsa import L_SA
 
     calls = []
     for name in ("rwin_attn_fwd", "rwin_attn_bwd"):
         real = getattr(rwin_attn, name)
-        monkeypatch.setattr(rwin_attn, name, lambda *a, _f=real, _n=name, **k: calls.append(_n) or _f(*a, **k))
-    model = RGT(**SMALL96, kernels="reference").eval()
-    x = torch.rand(1, 3, 20, 24, generator=gen("small96-x"))
-    dy = torch.randn(1, 3, 40, 48, generator=gen("small96-dy"))
+        spy = lambda *a, _f=real, _n=name, **k: calls.append(_n) or _f(*a, **k)  # noqa: E731
+        monkeypatch.setattr(rwin_attn, name, spy)
+    model = RGT(**SMALL96, kernels="reference").eval().to(DEVICE)
+    x = torch.rand(1, 3, 20, 24, generator=gen("small96-x")).to(DEVICE)
+    dy = torch.randn(1, 3, 40, 48, generator=gen("small96-dy")).to(DEVICE)
     results = {}
     for mode in ("reference", "auto"):
         model.set_kernels(mode)
@@ -206,3 +211,48 @@ def test_model_small96_fused_matches_reference(monkeypatch):
     for (name, got), (_, want) in zip(results["auto"], results["reference"], strict=True):
         err = (got - want).abs().max().item()
         assert err <= MODEL_REL * want.abs().max().item() + MODEL_ATOL, f"{name}: error {err:.2e}"
+
+
+# ------------------------------------------------------------------------------ GPU only (not run on CPU CI)
+REAL_HEADS, REAL_D, REAL_SPLIT = 6, 30, (8, 32)  # RGT's L-SA: C = 180, 3 heads of 30 per branch
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H, W", [(64, 64), (70, 50)])
+@pytest.mark.parametrize("shift", [False, True])
+def test_gpu_fp32_real_geometry(H, W, shift):
+    case_id = f"gpu-fp32-{H}x{W}-{shift}"
+    qkv, bias, dout = make_inputs(case_id, 2, H, W, REAL_SPLIT, REAL_HEADS, REAL_D)
+    args = (H, W, REAL_SPLIT, shift, REAL_HEADS, REAL_D**-0.5)
+    want = run(reference.rwin_attention, qkv, bias, dout, *args)
+    assert_fp32_matches(case_id, run(fused, qkv.float(), bias.float(), dout.float(), *args), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shift", [False, True])
+def test_gpu_low_precision_real_geometry(dtype, shift):
+    qkv, bias, dout = make_inputs(f"gpu-{dtype}-{shift}", 2, 70, 50, REAL_SPLIT, REAL_HEADS, REAL_D)
+    args = (70, 50, REAL_SPLIT, shift, REAL_HEADS, REAL_D**-0.5)
+    assert_low_precision_matches(dtype, qkv, bias, dout, args)
+
+
+@pytest.mark.gpu
+def test_gpu_backward_is_deterministic():
+    """No atomics: two backward passes give the same bits, the bias-table gradient included."""
+    qkv, bias, dout = make_inputs("gpu-determinism", 4, 64, 64, REAL_SPLIT, REAL_HEADS, REAL_D)
+    args = (64, 64, REAL_SPLIT, True, REAL_HEADS, REAL_D**-0.5)
+    first = run(fused, qkv.bfloat16(), bias.bfloat16(), dout.bfloat16(), *args)
+    second = run(fused, qkv.bfloat16(), bias.bfloat16(), dout.bfloat16(), *args)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_compile_fullgraph_matches_eager():
+    """The triton_ops trace into torch.compile(fullgraph=True): same output and gradients as eager."""
+    qkv, bias, dout = make_inputs("gpu-compile", 2, 40, 52, REAL_SPLIT, REAL_HEADS, REAL_D, torch.bfloat16)
+    args = (40, 52, REAL_SPLIT, True, REAL_HEADS, REAL_D**-0.5)
+    compiled = torch.compile(fused, fullgraph=True)
+    for a, b in zip(run(compiled, qkv, bias, dout, *args), run(fused, qkv, bias, dout, *args), strict=True):
+        assert rel_err(a, b) <= 1e-6

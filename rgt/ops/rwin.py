@@ -59,7 +59,7 @@ def _no_double_backward(ctx, *grads):
 
 
 def _register() -> None:
-    """Define rgt::rwin_attn_fwd / _bwd (triton_ops on a GPU, custom_ops with these fakes when interpreted)."""
+    """Define rgt::rwin_attn_fwd / _bwd: triton_ops on a GPU, custom_ops with these fakes when interpreted."""
     from rgt.kernels._common import triton_op
 
     triton_op("rgt::rwin_attn_fwd", fake=_fwd_fake)(_fwd)
