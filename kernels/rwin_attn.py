@@ -65,7 +65,7 @@ def _window_tokens(t, win, hs, ws, H, W, Hp, Wp, N: tl.constexpr, EVEN: tl.const
         y = (y + hs // 2) % Hp  # roll by (-hs/2, -ws/2): rolled position y holds padded position y + hs/2
         x = (x + ws // 2) % Wp
     else:
-        region = t
+        region = t  # unused without the shift
     real = (y < H) & (x < W)
     if not EVEN:
         real = real & inside

@@ -6,16 +6,17 @@ and `rgt::rwin_attn_bwd` -> (dqkv, dbias), joined by `register_autograd`.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+
 import torch
 from torch import Tensor
 
 from rgt.ops import reference
 from rgt.ops._dispatch import Op, default_mode, triton_unavailable
 
-try:
-    from rgt.kernels import rwin_attn as _kernels
-except ImportError:  # no Triton on this platform: reference only (triton_unavailable says why)
-    _kernels = None
+# Without Triton (e.g. macOS) only the reference exists; triton_unavailable then says why.
+_kernels = importlib.import_module("rgt.kernels.rwin_attn") if importlib.util.find_spec("triton") else None
 
 
 def _fwd(qkv: Tensor, bias_table: Tensor, H: int, W: int, s0: int, s1: int, shift: bool, heads: int,
