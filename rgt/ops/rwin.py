@@ -7,16 +7,15 @@ and `rgt::rwin_attn_bwd` -> (dqkv, dbias), joined by `register_autograd`.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 
 import torch
 from torch import Tensor
 
 from rgt.ops import reference
-from rgt.ops._dispatch import Op, default_mode, triton_unavailable
+from rgt.ops._dispatch import TRITON_OPS, Op, default_mode, triton_unavailable
 
-# Without Triton (e.g. macOS) only the reference exists; triton_unavailable then says why.
-_kernels = importlib.import_module("rgt.kernels.rwin_attn") if importlib.util.find_spec("triton") else None
+# Without Triton (e.g. macOS) or torch < 2.6 only the reference exists; triton_unavailable then says why.
+_kernels = importlib.import_module("rgt.kernels.rwin_attn") if TRITON_OPS else None
 
 
 def _fwd(qkv: Tensor, bias_table: Tensor, H: int, W: int, s0: int, s1: int, shift: bool, heads: int,
