@@ -75,8 +75,8 @@ def recursive_dwconv(x: Tensor, weight: Tensor, bias: Tensor | None, times: int,
     Each level drops the rows and columns left over by the stride (PyTorch's floor semantics).
 
     Args:
-        x: (B, C, H, W), contiguous or channels_last (the model's tokens (B, H*W, C) viewed as (B, C, H, W) are
-            channels_last and are read in place). weight: (C, 1, k, k). bias: (C,) or None.
+        x: (B, C, H, W), contiguous or channels_last (the model's tokens (B, H*W, C) viewed as
+            (B, C, H, W) are channels_last and are read in place). weight: (C, 1, k, k). bias: (C,) or None.
         times: number of levels, >= 0; every level's input must be at least k x k.
     Returns:
         (B, C, H // k**times, W // k**times), in x's memory format.
