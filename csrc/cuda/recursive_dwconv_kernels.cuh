@@ -3,7 +3,8 @@
 // k x k convolution with stride k, no padding and one set of weights, applied `times` times.
 //
 // Torch-free on purpose: tests compile this header with plain nvcc on machines without torch's CUDA build, and
-// recursive_dwconv.cu only turns tensors into the argument structs below.
+// run the kernels on the CPU with a small emulation of threads, blocks and barriers (tests/cuda_emu); only the
+// launchers at the end need nvcc. recursive_dwconv.cu turns tensors into the argument structs below.
 //
 // Changes from the unfused F.conv2d chain:
 //   * A pass fuses up to two levels. A CTA owns one output pixel of the pass and 32*V channels; warp t owns the
@@ -21,8 +22,6 @@
 // float64). A one-level pass (times = 1, or the last level of an odd `times`) gives each thread one load:
 // correct but not tuned, as RGT only uses times >= 2 on full-size maps.
 #pragma once
-
-#include <cuda_runtime.h>
 
 #include <cstdint>
 
@@ -306,6 +305,8 @@ inline bool vectorizable(const void* p, const View& v, int C, int elem_size) {
 
 inline unsigned channel_tiles(int C, int V) { return static_cast<unsigned>((C + kLanes * V - 1) / (kLanes * V)); }
 
+#ifdef __CUDACC__
+
 template <int V, typename In, typename Out, typename A>
 void launch_fwd_v(const FwdArgs<In, Out, A>& a, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(a.g.pixels()), channel_tiles(a.g.C, V));
@@ -347,5 +348,7 @@ void launch_bwd(const BwdArgs<In, Gout, A>& a, unsigned ctas, bool vec, cudaStre
   }
   launch_bwd_v<1>(a, ctas, stream);
 }
+
+#endif  // __CUDACC__
 
 }  // namespace rgt::dwconv_cuda
