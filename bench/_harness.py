@@ -74,8 +74,9 @@ def header(device: torch.device) -> dict:
         hardware = {"kind": "cuda", "name": torch.cuda.get_device_name(device),
                     "memory_gib": round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)}
     else:
+        # The load average says how much of the machine other processes held during the run.
         hardware = {"kind": "cpu", "name": _cpu_name(), "logical_cpus": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads()}
+                    "torch_threads": torch.get_num_threads(), "load_average_1m": round(os.getloadavg()[0], 2)}
     return {
         "hardware": hardware,
         "torch": torch.__version__,

@@ -285,15 +285,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recursive_dwconv_bwd_cpu(const at
                               input_strip(gxp, grad_x, g, task), w, b, pp + t * rows * g.C);
       }
     });
-    // Add the task rows in order, per entry: the same result whatever the number of threads.
-    total = at::empty({rows, g.C}, part.options());
+    // Add the task rows in task order for every entry (the same result whatever the number of threads),
+    // reading each row's slice of entries contiguously.
+    total = at::zeros({rows, g.C}, part.options());
     A* tp = total.data_ptr<A>();
     const int64_t ntask = part.size(0);
-    at::parallel_for(0, rows * g.C, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t e = begin; e < end; ++e) {
-        A s = 0;
-        for (int64_t t = 0; t < ntask; ++t) s += pp[t * rows * g.C + e];
-        tp[e] = s;
+    at::parallel_for(0, rows * g.C, 512, [&](int64_t begin, int64_t end) {
+      for (int64_t t = 0; t < ntask; ++t) {
+        const A* row = pp + t * rows * g.C;
+        for (int64_t e = begin; e < end; ++e) tp[e] += row[e];
       }
     });
   });
