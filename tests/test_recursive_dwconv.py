@@ -116,6 +116,24 @@ def test_low_precision(shape, dtype, channels_last):
 
 
 @needs_ext
+def test_autocast_runs_in_the_autocast_dtype():
+    """Under autocast the fused op casts like F.conv2d does (fp32 weights with a bf16 map, say)."""
+    x, w, b = make_inputs("autocast", 2, 6, 40, 36, 4, dtype=torch.float32)
+    x = x.contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(2, 6, 2, 2, generator=gen("autocast-grad"))
+    exact, exact_grads = run(x, w, b, 2, "reference", grad_out)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, ref_grads = run(x, w, b, 2, "reference", grad_out.bfloat16())
+        out, grads = run(x, w, b, 2, "fused", grad_out.bfloat16())
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert all(grads[n].dtype == ref_grads[n].dtype == torch.float32 for n in grads)  # fp32 leaves
+    for name, got, want, e in [("out", out, ref, exact)] + [(n, grads[n], ref_grads[n], exact_grads[n])
+                                                           for n in grads]:
+        err, ref_err = ((t.float() - e).abs().max().item() for t in (got, want))
+        assert err <= 2 * ref_err + 1e-6, f"{name}: {err:.3g} vs reference {ref_err:.3g}"
+
+
+@needs_ext
 def test_token_view_is_read_in_place():
     """The model's tokens (B, H*W, C) viewed as (B, C, H, W) are channels_last: read without a copy."""
     B, H, W, C, times = 2, 40, 36, 11, 2
@@ -213,6 +231,23 @@ def test_times_zero_and_empty_batch():
     assert out.shape == (0, 3, 2, 2)
     gx, gw = torch.autograd.grad(out, (x0, w0), torch.zeros_like(out))
     assert gx.shape == x0.shape and gw.abs().sum() == 0
+
+
+def grad_out_views(shape, case: str, device="cpu"):
+    """Upstream gradients autograd may pass: expanded (stride 0, from a sum) and permuted (non-contiguous)."""
+    B, C, H, W = shape
+    yield torch.full((1, 1, 1, 1), 0.5, dtype=torch.float64, device=device).expand(shape)
+    yield torch.randn(B, H, C, W, generator=gen(case), dtype=torch.float64).to(device).permute(0, 2, 1, 3)
+
+
+@needs_ext
+def test_grad_out_of_any_strides():
+    x, w, b = make_inputs("grad-strides", 2, 5, 33, 40, 4)
+    for grad_out in grad_out_views((2, 5, 2, 2), "grad-strides-g"):
+        got = torch.ops.rgt.recursive_dwconv_bwd(grad_out, x, w, b, 2)
+        want = torch.ops.rgt.recursive_dwconv_bwd(grad_out.contiguous(), x, w, b, 2)
+        for a, e in zip(got, want, strict=True):
+            torch.testing.assert_close(a, e, atol=1e-14, rtol=0)
 
 
 @needs_ext
@@ -313,6 +348,10 @@ def test_cuda_gradcheck_opcheck_and_determinism():
     torch.library.opcheck(torch.ops.rgt.recursive_dwconv_fwd.default, (xd.float(), wd.float(), bd.float(), 2))
     grad_out = torch.randn(2, 70, 2, 2, device="cuda", dtype=torch.float64)
     torch.library.opcheck(torch.ops.rgt.recursive_dwconv_bwd.default, (grad_out, xd, wd, bd, 2))
+    for g in grad_out_views((2, 70, 2, 2), "cuda-grad-strides", "cuda"):
+        got = torch.ops.rgt.recursive_dwconv_bwd(g, xd, wd, bd, 2)
+        want = torch.ops.rgt.recursive_dwconv_bwd(g.contiguous(), xd, wd, bd, 2)
+        assert all(torch.allclose(a, e, atol=1e-12, rtol=0) for a, e in zip(got, want, strict=True))
     xb, wb, bb, gb = (t.to(torch.bfloat16) for t in (xd, wd, bd, grad_out))
     xb = xb.contiguous(memory_format=torch.channels_last)
     first = torch.ops.rgt.recursive_dwconv_bwd(gb, xb, wb, bb, 2)

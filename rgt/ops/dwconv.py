@@ -62,6 +62,11 @@ if _ext.load_error() is None:
 def _fused(x: Tensor, weight: Tensor, bias: Tensor | None, times: int) -> Tensor:
     if times == 0:
         return x  # as the reference: no level at all
+    device = x.device.type
+    if torch.is_autocast_enabled(device):  # as F.conv2d under autocast: run in the autocast dtype
+        dtype = torch.get_autocast_dtype(device)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
     return torch.ops.rgt.recursive_dwconv_fwd(x, weight, bias, times)
 
 
