@@ -83,9 +83,10 @@ struct alignas(sizeof(T) * V) Pack {
   T v[V];
 };
 
-// V consecutive channels at p. For V > 1 the caller guarantees unit channel stride and alignment.
+// V consecutive channels at p. For V > 1 the caller guarantees unit channel stride and alignment (V = 1 is any
+// stride: p already points at the channel).
 template <int V, typename T, typename A>
-__device__ __forceinline__ void load(const T* p, int64_t sc, A (&out)[V]) {
+__device__ __forceinline__ void load(const T* p, A (&out)[V]) {
   if constexpr (V == 1) {
     out[0] = static_cast<A>(p[0]);
   } else {
@@ -96,7 +97,7 @@ __device__ __forceinline__ void load(const T* p, int64_t sc, A (&out)[V]) {
 }
 
 template <int V, typename T, typename A>
-__device__ __forceinline__ void store(T* p, int64_t sc, const A (&val)[V]) {
+__device__ __forceinline__ void store(T* p, const A (&val)[V]) {
   if constexpr (V == 1) {
     p[0] = static_cast<T>(val[0]);
   } else {
@@ -141,7 +142,7 @@ __global__ void __launch_bounds__(kLanes* kMaxWarps) rdw_fwd_kernel(FwdArgs<In, 
     const In* base = a.src + t.c * a.sv.sc;
     A val[V];
     if constexpr (L == 1) {
-      load<V>(base + a.sv.at(b, ci, cj), a.sv.sc, val);
+      load<V>(base + a.sv.at(b, ci, cj), val);
     } else {
 #pragma unroll
       for (int v = 0; v < V; ++v) val[v] = a.bias[t.c + v];
@@ -152,7 +153,7 @@ __global__ void __launch_bounds__(kLanes* kMaxWarps) rdw_fwd_kernel(FwdArgs<In, 
         for (int q = 0; q < kMaxK; ++q) {
           if (p < k && q < k) {
             A xv[V];
-            load<V>(base + a.sv.at(b, k * ci + p, k * cj + q), a.sv.sc, xv);
+            load<V>(base + a.sv.at(b, k * ci + p, k * cj + q), xv);
             const A* w = a.wt + (p * k + q) * C + t.c;
 #pragma unroll
             for (int v = 0; v < V; ++v) val[v] += w[v] * xv[v];
@@ -234,14 +235,14 @@ __global__ void __launch_bounds__(kLanes* kMaxWarps) rdw_bwd_kernel(BwdArgs<In, 
       }
       if constexpr (L == 1) {
         A xv[V], gx[V], dwt[V];
-        load<V>(a.src + a.sv.at(b, ci, cj) + t.c * a.sv.sc, a.sv.sc, xv);
+        load<V>(a.src + a.sv.at(b, ci, cj) + t.c * a.sv.sc, xv);
 #pragma unroll
         for (int v = 0; v < V; ++v) {
           dwt[v] = g[v] * xv[v];
           gx[v] = wc[v] * g[v];
         }
         add_at(dw, t.cp, t.cq, dwt);
-        store<V>(a.gin + a.giv.at(b, ci, cj) + t.c * a.giv.sc, a.giv.sc, gx);
+        store<V>(a.gin + a.giv.at(b, ci, cj) + t.c * a.giv.sc, gx);
       } else {
         A g1[V], y1[V];
 #pragma unroll
@@ -256,14 +257,14 @@ __global__ void __launch_bounds__(kLanes* kMaxWarps) rdw_bwd_kernel(BwdArgs<In, 
           for (int q = 0; q < kMaxK; ++q) {
             if (p < k && q < k) {
               A xv[V], gx[V];
-              load<V>(a.src + a.sv.at(b, k * ci + p, k * cj + q) + t.c * a.sv.sc, a.sv.sc, xv);
+              load<V>(a.src + a.sv.at(b, k * ci + p, k * cj + q) + t.c * a.sv.sc, xv);
 #pragma unroll
               for (int v = 0; v < V; ++v) {
                 y1[v] += w[p][q][v] * xv[v];
                 dw[p][q][v] += g1[v] * xv[v];
                 gx[v] = w[p][q][v] * g1[v];
               }
-              store<V>(a.gin + a.giv.at(b, k * ci + p, k * cj + q) + t.c * a.giv.sc, a.giv.sc, gx);
+              store<V>(a.gin + a.giv.at(b, k * ci + p, k * cj + q) + t.c * a.giv.sc, gx);
             }
           }
         }
