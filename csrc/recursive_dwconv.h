@@ -4,12 +4,10 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <optional>
-#include <tuple>
 
 namespace rgt::dwconv {
 
@@ -86,14 +84,6 @@ inline at::Tensor empty_like_layout(const at::Tensor& x, at::IntArrayRef sizes) 
 inline void zero_uncovered(at::Tensor& grad, int64_t covered_h, int64_t covered_w) {
   if (grad.size(2) > covered_h) grad.narrow(2, covered_h, grad.size(2) - covered_h).zero_();
   if (grad.size(3) > covered_w) grad.narrow(3, covered_w, grad.size(3) - covered_w).zero_();
-}
-
-// Weights as [k*k][C] and bias as [C] in the accumulation type (zeros when there is no bias).
-inline std::tuple<at::Tensor, at::Tensor> acc_params(const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                              const Geometry& g, at::ScalarType acc) {
-  at::Tensor w = weight.reshape({g.C, g.kk}).to(acc).t().contiguous();
-  at::Tensor b = bias.has_value() ? bias->to(acc).contiguous() : at::zeros({g.C}, weight.options().dtype(acc));
-  return {w, b};
 }
 
 }  // namespace rgt::dwconv

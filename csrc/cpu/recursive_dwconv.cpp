@@ -11,9 +11,11 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 #include <vector>
 
 #include "recursive_dwconv.h"
@@ -193,6 +195,14 @@ std::vector<std::vector<A>> inner_levels(Plane<const S> x, const Geometry& g, in
     }
   }
   return ys;
+}
+
+// Weights as [k*k][C] and bias as [C] in the accumulation type (zeros when there is no bias).
+std::tuple<at::Tensor, at::Tensor> acc_params(const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                              const Geometry& g, at::ScalarType acc) {
+  at::Tensor w = weight.reshape({g.C, g.kk}).to(acc).t().contiguous();
+  at::Tensor b = bias.has_value() ? bias->to(acc).contiguous() : at::zeros({g.C}, weight.options().dtype(acc));
+  return {w, b};
 }
 
 at::Tensor recursive_dwconv_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,

@@ -3,10 +3,10 @@
 //
 // `times` levels run as passes of two fused levels (plus one single level when `times` is odd, last, on the
 // smallest map); between passes the levels live in channels_last float scratch. The backward recomputes the pass
-// inputs with forward passes, then runs the backward passes top-down.
+// inputs with forward passes, runs the backward passes top-down, then one kernel turns the CTAs' partial sums
+// into grad_weight and grad_bias. For RGT (times = 2) a forward is one kernel and a backward two.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -68,11 +68,25 @@ at::Tensor scratch(const at::Tensor& x, int64_t h, int64_t w, at::ScalarType acc
   return at::empty({x.size(0), x.size(1), h, w}, x.options().dtype(acc).memory_format(at::MemoryFormat::ChannelsLast));
 }
 
-template <typename In, typename Out, typename A>
-void forward_pass(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& wt, const at::Tensor& bt,
-                  const Geometry& g, const Pass& p) {
-  const K::FwdArgs<In, Out, A> a{src.const_data_ptr<In>(), view_of(src), dst.mutable_data_ptr<Out>(), view_of(dst),
-                                 wt.const_data_ptr<A>(),   bt.const_data_ptr<A>(), pass_geometry(g, p)};
+// The op's parameters as the kernels read them: contiguous (C, 1, k, k) weights and (C,) bias (or none).
+template <typename W>
+struct Params {
+  at::Tensor weight, bias;
+  const W* w() const { return weight.const_data_ptr<W>(); }
+  const W* b() const { return bias.defined() ? bias.const_data_ptr<W>() : nullptr; }
+};
+
+template <typename W>
+Params<W> params(const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  return {weight.contiguous(), bias.has_value() ? bias->contiguous() : at::Tensor()};
+}
+
+template <typename In, typename Out, typename W, typename A>
+void forward_pass(const at::Tensor& src, const at::Tensor& dst, const Params<W>& pw, const Geometry& g,
+                  const Pass& p) {
+  const K::FwdArgs<In, Out, W, A> a{src.const_data_ptr<In>(), view_of(src), dst.mutable_data_ptr<Out>(),
+                                    view_of(dst),             pw.w(),       pw.b(),
+                                    pass_geometry(g, p)};
   const bool vec = K::vectorizable(a.src, a.sv, a.g.C, sizeof(In));
   K::launch_fwd(a, vec, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -81,18 +95,17 @@ void forward_pass(const at::Tensor& src, const at::Tensor& dst, const at::Tensor
 // Runs passes [0, upto) from x; returns every pass input (inputs[0] = x) and the output of the last pass run,
 // which is `out` when the plan is run to the end.
 template <typename S, typename A>
-std::vector<at::Tensor> forward_passes(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& bt,
-                                       const Geometry& g, const std::vector<Pass>& passes, size_t upto,
-                                       const at::Tensor& out) {
+std::vector<at::Tensor> forward_passes(const at::Tensor& x, const Params<S>& pw, const Geometry& g,
+                                       const std::vector<Pass>& passes, size_t upto, const at::Tensor& out) {
   const auto acc = c10::CppTypeToScalarType<A>::value;
   std::vector<at::Tensor> inputs{x};
   for (size_t i = 0; i < upto; ++i) {
     const bool first = i == 0, last = i + 1 == passes.size();
     const at::Tensor dst = last ? out : scratch(x, passes[i].Ho, passes[i].Wo, acc);
-    if (first && last) forward_pass<S, S, A>(inputs.back(), dst, wt, bt, g, passes[i]);
-    else if (first) forward_pass<S, A, A>(inputs.back(), dst, wt, bt, g, passes[i]);
-    else if (last) forward_pass<A, S, A>(inputs.back(), dst, wt, bt, g, passes[i]);
-    else forward_pass<A, A, A>(inputs.back(), dst, wt, bt, g, passes[i]);
+    if (first && last) forward_pass<S, S, S, A>(inputs.back(), dst, pw, g, passes[i]);
+    else if (first) forward_pass<S, A, S, A>(inputs.back(), dst, pw, g, passes[i]);
+    else if (last) forward_pass<A, S, S, A>(inputs.back(), dst, pw, g, passes[i]);
+    else forward_pass<A, A, S, A>(inputs.back(), dst, pw, g, passes[i]);
     inputs.push_back(dst);
   }
   return inputs;
@@ -110,19 +123,19 @@ at::Tensor recursive_dwconv_fwd_cuda(const at::Tensor& x, const at::Tensor& weig
   const std::vector<Pass> passes = plan(g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "recursive_dwconv_fwd_cuda", [&] {
     using A = typename K::AccOf<scalar_t>::type;
-    const auto [wt, bt] = acc_params(weight, bias, g, c10::CppTypeToScalarType<A>::value);
-    forward_passes<scalar_t, A>(xc, wt, bt, g, passes, passes.size(), out);
+    forward_passes<scalar_t, A>(xc, params<scalar_t>(weight, bias), g, passes, passes.size(), out);
   });
   return out;
 }
 
-template <typename In, typename Gout, typename A>
+// partial: this pass's rows of the partial-sum buffer, one per CTA (per channel tile).
+template <typename In, typename Gout, typename W, typename A>
 void backward_pass(const at::Tensor& src, const at::Tensor& gout, const at::Tensor& gin, const at::Tensor& partial,
-                   const at::Tensor& wt, const at::Tensor& bt, const Geometry& g, const Pass& p) {
-  const K::BwdArgs<In, Gout, A> a{src.const_data_ptr<In>(),   view_of(src),          gout.const_data_ptr<Gout>(),
-                                  view_of(gout),              gin.mutable_data_ptr<In>(), view_of(gin),
-                                  wt.const_data_ptr<A>(),     bt.const_data_ptr<A>(), partial.mutable_data_ptr<A>(),
-                                  pass_geometry(g, p)};
+                   const Params<W>& pw, const Geometry& g, const Pass& p) {
+  const K::BwdArgs<In, Gout, W, A> a{src.const_data_ptr<In>(), view_of(src), gout.const_data_ptr<Gout>(),
+                                     view_of(gout),            gin.mutable_data_ptr<In>(), view_of(gin),
+                                     pw.w(),                   pw.b(),       partial.mutable_data_ptr<A>(),
+                                     pass_geometry(g, p)};
   const bool vec = K::vectorizable(a.src, a.sv, a.g.C, sizeof(In)) && K::vectorizable(a.gin, a.giv, a.g.C, sizeof(In));
   K::launch_bwd(a, static_cast<unsigned>(partial.size(0)), vec, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -149,19 +162,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recursive_dwconv_bwd_cuda(const a
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   const std::vector<Pass> passes = plan(g);
   at::Tensor grad_x = empty_like_layout(x, x.sizes());
-  at::Tensor total;  // [kk + 1][C] in the accumulation type: d(weight) as [k*k][C], then d(bias)
+  at::Tensor grad_w = at::empty({g.C, 1, g.k, g.k}, weight.options());
+  at::Tensor grad_b = at::empty({g.C}, x.options());
+  // One row of partial sums per CTA of every pass: pass i owns rows [first_row[i], first_row[i + 1]).
+  std::vector<int64_t> first_row{0};
+  for (const Pass& p : passes) first_row.push_back(first_row.back() + backward_ctas(g, g.B * p.Ho * p.Wo));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "recursive_dwconv_bwd_cuda", [&] {
     using S = scalar_t;
     using A = typename K::AccOf<scalar_t>::type;
     const auto acc = c10::CppTypeToScalarType<A>::value;
-    total = at::zeros({g.kk + 1, g.C}, x.options().dtype(acc));
     if (x.numel() == 0) {
       grad_x.zero_();
+      grad_w.zero_();
+      grad_b.zero_();
       return;
     }
-    const auto [wt, bt] = acc_params(weight, bias, g, acc);
+    const Params<S> pw = params<S>(weight, bias);
     const std::vector<at::Tensor> inputs =
-        forward_passes<S, A>(channels_innermost(x), wt, bt, g, passes, passes.size() - 1, at::Tensor());
+        forward_passes<S, A>(channels_innermost(x), pw, g, passes, passes.size() - 1, at::Tensor());
+    const at::Tensor partial = at::empty({first_row.back(), g.kk + 1, g.C}, x.options().dtype(acc));
     at::Tensor gout = grad_out;
     for (size_t i = passes.size(); i-- > 0;) {
       const Pass& p = passes[i];
@@ -170,17 +189,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recursive_dwconv_bwd_cuda(const a
       at::Tensor gin = first ? grad_x : scratch(x, src.size(2), src.size(3), acc);
       const int64_t span = p.levels == 2 ? g.kk : g.k;  // input pixels per output pixel, per side
       zero_uncovered(gin, span * p.Ho, span * p.Wo);
-      const at::Tensor partial = at::empty({backward_ctas(g, g.B * p.Ho * p.Wo), g.kk + 1, g.C}, total.options());
-      if (first && last) backward_pass<S, S, A>(src, gout, gin, partial, wt, bt, g, p);
-      else if (first) backward_pass<S, A, A>(src, gout, gin, partial, wt, bt, g, p);
-      else if (last) backward_pass<A, S, A>(src, gout, gin, partial, wt, bt, g, p);
-      else backward_pass<A, A, A>(src, gout, gin, partial, wt, bt, g, p);
-      total += partial.sum(0);  // a fixed-order reduction: deterministic
+      const at::Tensor rows = partial.narrow(0, first_row[i], first_row[i + 1] - first_row[i]);
+      if (first && last) backward_pass<S, S, S, A>(src, gout, gin, rows, pw, g, p);
+      else if (first) backward_pass<S, A, S, A>(src, gout, gin, rows, pw, g, p);
+      else if (last) backward_pass<A, S, S, A>(src, gout, gin, rows, pw, g, p);
+      else backward_pass<A, A, S, A>(src, gout, gin, rows, pw, g, p);
       gout = gin;
     }
+    const K::FinalizeArgs<S, A> fa{partial.const_data_ptr<A>(), partial.size(0), static_cast<int>(g.C),
+                                   static_cast<int>(g.kk), grad_w.mutable_data_ptr<S>(), grad_b.mutable_data_ptr<S>()};
+    K::launch_finalize(fa, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad_x, total.narrow(0, 0, g.kk).t().reshape({g.C, 1, g.k, g.k}).to(x.scalar_type()).contiguous(),
-          total.select(0, g.kk).to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true)};
+  return {grad_x, grad_w, grad_b};
 }
 
 }  // namespace
