@@ -167,6 +167,23 @@ def official_name(config: Mapping) -> str | None:
     return None
 
 
+def resolve_config(
+    state_dict: Mapping[str, Tensor], *, model: str | None = None, scale: int | None = None, **overrides
+) -> dict:
+    """`detect_config`, then a preset ("rgt_s" / "rgt") and constructor overrides on top; `scale` is checked
+    against the upsampler (a x2 checkpoint cannot run at x4)."""
+    config = detect_config(state_dict)
+    detected = config["upscale"]
+    if scale is not None and scale != detected:
+        raise ValueError(f"the checkpoint is a x{detected} model (from its upsampler), but scale {scale} was asked for")
+    if model is not None:
+        if model not in CONFIGS:
+            raise ValueError(f"unknown model {model!r}; choose one of {sorted(CONFIGS)}")
+        config.update(CONFIGS[model])
+    config.update(overrides)
+    return config
+
+
 def load_model(
     checkpoint: str | os.PathLike | Mapping,
     *,
@@ -189,15 +206,7 @@ def load_model(
         ValueError: not an RGT checkpoint, or the overrides contradict its tensors.
     """
     sd = read_state_dict(checkpoint)
-    config = detect_config(sd)
-    detected = config["upscale"]
-    if model is not None:
-        if model not in CONFIGS:
-            raise ValueError(f"unknown model {model!r}; choose one of {sorted(CONFIGS)}")
-        config = dict(config, **CONFIGS[model])
-    if scale is not None and scale != detected:
-        raise ValueError(f"the checkpoint is a x{detected} model (from its upsampler), but scale {scale} was asked for")
-    config.update(overrides)
+    config = resolve_config(sd, model=model, scale=scale, **overrides)
     net = RGT(**config, kernels=kernels)
     try:
         load_checkpoint(net, sd, strict=True)

@@ -31,8 +31,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 from rgt.arch import RGT
+from rgt.checkpoint import read_state_dict
 from rgt.data.resize import imresize
-from rgt.detect import load_model
+from rgt.detect import load_model, resolve_config
 from rgt.inference.tiling import MIN_TILE, pad_to_valid, tiled_forward
 from rgt.inference.tta import tta_forward
 
@@ -95,12 +96,15 @@ class Upscaler:
             raise ValueError(f"tile_overlap must be in [0, tile/2), got {tile_overlap} for tile {tile}")
         if alpha not in ("bicubic", "model"):
             raise ValueError(f"alpha must be 'bicubic' or 'model', got {alpha!r}")
+        self.config: dict | None = None  # constructor arguments, when built from a checkpoint
         if isinstance(checkpoint, nn.Module):
             net = checkpoint.to(self.device).eval()
             if kernels is not None:
                 net.set_kernels(kernels)
         else:
-            net = load_model(checkpoint, model=model, scale=scale, device=self.device, kernels=kernels)
+            sd = read_state_dict(checkpoint)
+            self.config = resolve_config(sd, model=model, scale=scale)
+            net = load_model(sd, model=model, scale=scale, device=self.device, kernels=kernels)
         self.model = net
         self.scale, self.in_chans = net.upscale, net.in_chans
         self._net = torch.compile(net, dynamic=True) if compile else net
