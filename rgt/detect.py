@@ -9,11 +9,13 @@ Works on every layout `rgt.checkpoint.read_state_dict` reads (official `{'params
 - mlp_ratio: `mlp.fc1` out / in; c_ratio: RG-SA `attn.conv` out / in; qkv_bias: `attn.qkv.bias` present.
 - resi_connection: `conv_after_body.weight` ('1conv') or `conv_after_body.0.weight` ('3conv').
 - upscale: the upsampler convs, n x (256, 64, 3, 3) for 2^n, one (576, 64, 3, 3) for 3, none for 1.
-- split_size: from the contents of `attns.0.rpe_biases`, the (dh, dw) offsets of an s0 x s1 window (so the order
-  is exact, where shapes alone leave [8, 32] vs [32, 8] open), else from `relative_position_index` (N = s0 s1)
-  with the shorter side first. Slim checkpoints have neither: the learned weights do not depend on the window
-  (the position-bias MLP takes raw offsets), so the official [8, 32] is assumed, which is what every released
-  model uses. Pass `split_size=` to `load_model` for anything else.
+- split_size: from the contents of `attns.0.rpe_biases`, the (dh, dw) offsets of an s0 x s1 window (so the
+  order is exact, where shapes alone leave [8, 32] vs [32, 8] open), else from `relative_position_index`
+  (N = s0 s1, M = (2 s0 - 1)(2 s1 - 1) and the row step of its entries). Slim checkpoints have neither: the
+  learned weights do not depend on the window (the position-bias MLP takes raw offsets), so the official
+  [8, 32] is assumed, which every released model uses. Pass `split_size=` to `load_model` otherwise.
+- num_heads caveat: an odd count (2 hb + 1) is chosen only when the even one cannot split the channels; the
+  weights are the same for both, so a model trained with odd heads needs `num_heads=` (none is released).
 - img_size: from the stored shift masks (nW, N, N), which cover the padded img_size^2; 64 when absent.
 """
 
@@ -111,9 +113,10 @@ def _split_size(sd: Mapping[str, Tensor]) -> tuple[int, int] | None:
     m = int(index.max().item()) + 1
     total = (4 * n + 1 - m) // 2  # s0 + s1, from m = 4 n - 2 (s0 + s1) + 1
     a = (total - math.isqrt(max(total * total - 4 * n, 0))) // 2
-    # The pair (token 0, token 0) sits at offset (0, 0): row (s0 - 1)(2 s1 - 1) + s1 - 1 tells the order.
-    first = int(index[0, 0].item())
-    return next(((h, w) for h, w in ((a, total - a), (total - a, a)) if (h - 1) * (2 * w - 1) + w - 1 == first),
+    # Tokens are row-major: token w starts the window's second row, one step down from token 0, which moves
+    # the table row by 2 w - 1. That tells s0 x s1 from s1 x s0.
+    row0 = index[0]
+    return next(((h, w) for h, w in ((a, total - a), (total - a, a)) if w < n and row0[0] - row0[w] == 2 * w - 1),
                 (a, total - a))
 
 
