@@ -132,21 +132,22 @@ class Upscaler:
 
     def _with_oom_fallback(self, x: Tensor) -> Tensor:
         """Whole image (or the set tile); on CUDA OOM halve the tile until it fits, down to MIN_TILE."""
-        tile = self.tile
+        tile, side = self.tile, max(x.shape[-2:])
         while True:
+            current = tile if 0 < tile < side else side
             try:
                 return self._tiled(x, tile)
             except torch.cuda.OutOfMemoryError:
-                current = tile if 0 < tile < max(x.shape[-2:]) else max(x.shape[-2:])
                 if current // 2 < MIN_TILE:
                     raise
-                tile = current // 2
-                log.warning("rgt: CUDA out of memory on a %dx%d input with %s; retrying with %d px tiles "
-                            "(tiling changes the output slightly: RG-SA is global)", *x.shape[-2:],
-                            f"{current} px tiles" if current != max(x.shape[-2:]) else "the whole image", tile)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                self.tile = tile  # later images start from the size that fitted
+            # Outside the except block: the traceback, which holds the failed pass's activations, is freed.
+            tile = current // 2
+            log.warning("rgt: CUDA out of memory on a %dx%d input with %s; retrying with %d px tiles "
+                        "(tiling changes the output slightly: RG-SA is global)", *x.shape[-2:],
+                        "the whole image" if current == side else f"{current} px tiles", tile)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.tile = tile  # later images start from the size that fitted
 
     def _run(self, x: Tensor) -> Tensor:
         """(B, in_chans, H, W) on the device -> (B, in_chans, sH, sW) float32, NaN-safe in reduced precision."""
