@@ -215,7 +215,12 @@ def write_reports(output: Path, meta: dict, results: dict[str, list[Row]], text:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    missing = [str(d) for d in args.datasets if not d.is_dir()]
+    if missing:
+        parser.error(f"not a folder: {', '.join(missing)}")
+    args.datasets = [d.parent if d.name in HR_DIRS else d for d in args.datasets]  # DIR/HR given: use DIR
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     up = Upscaler(args.checkpoint, model=args.model, scale=args.scale, device=args.device, precision=args.precision,
                   tile=args.tile, tile_overlap=args.tile_overlap, tta=args.tta, kernels=args.kernels)
@@ -223,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     label = f"{arch}{'+' if args.tta else ''} x{up.scale}"
     results: dict[str, list[Row]] = {}
     for root in args.datasets:
-        name = root.name if root.name not in HR_DIRS else root.parent.name
+        name = root.name
         pairs = find_pairs(root, up.scale)
         out_dir = args.output / name if (args.save_images or args.compare) else None
         results[name] = [evaluate_pair(up, p, out_dir, args) for p in tqdm(pairs, desc=name, unit="img")]

@@ -87,7 +87,7 @@ def test_basicsr_layouts_give_the_same_numbers(ckpt, hr_only, tmp_path):
     assert run(ckpt, [hr_only, manga], tmp_path / "paired") == 0
     shutil.rmtree(hr_only / "LR_bicubic")
     assert find_pairs(hr_only, 2)[0] == Pair("alpha", hr_only / "HR" / "alpha.png", None)
-    assert run(ckpt, [hr_only], tmp_path / "made", "--tta") == 0
+    assert run(ckpt, [hr_only / "HR"], tmp_path / "made", "--tta") == 0  # the HR folder names its dataset
     paired = json.loads((tmp_path / "paired" / "metrics.json").read_text())["datasets"]
     made = json.loads((tmp_path / "made" / "metrics.json").read_text())
     assert made["model"] == "RGT+ x2" and made["tta"] is True
