@@ -54,7 +54,7 @@ def _extension():
 
 
 setup(
-    packages=["rgt", "rgt.arch", "rgt.data", "rgt.ops", "rgt.kernels"],
+    packages=["rgt", "rgt.arch", "rgt.data", "rgt.inference", "rgt.ops", "rgt.kernels"],
     package_dir={"rgt.kernels": "kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
