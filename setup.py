@@ -54,7 +54,7 @@ def _extension():
 
 
 setup(
-    packages=["rgt", "rgt.arch", "rgt.data", "rgt.ops", "rgt.train", "rgt.kernels"],
+    packages=["rgt", "rgt.arch", "rgt.data", "rgt.inference", "rgt.ops", "rgt.train", "rgt.kernels"],
     package_dir={"rgt.kernels": "kernels"},
     # The quickstart's options and bundled photographs (python -m rgt.train).
     package_data={"rgt": ["assets/*.yml", "assets/images/README.md", "assets/images/*/*.png"]},

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
+from _harness import time_ms
+
 
 @dataclass(frozen=True)
 class Ceiling:
@@ -38,3 +41,13 @@ def ceiling(device_name: str) -> Ceiling | None:
         if c.name in device_name:
             return c
     return None
+
+
+def copy_bandwidth_gbs(device: torch.device, *, quick: bool = False) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting the read and the write, over a buffer well beyond the
+    caches (1 GiB on GPUs; 256 MiB on CPUs): the ceiling of a memory-bound op on this very machine."""
+    nbytes = 2**30 if device.type == "cuda" else 2**28
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    p50 = time_ms(lambda: dst.copy_(src), device, quick=quick)["ms_p50"]
+    return 2 * nbytes / (p50 * 1e-3) / 1e9

@@ -1,8 +1,8 @@
 """Shared benchmark plumbing: timing, peak memory, error checks, the JSON header and writing results.
 
-Every script times with `triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])` (ms p50/p20/p80) and writes
-`bench/results/<gpu>/<script>.json`: a header (GPU, versions, git sha, UTC time, command) and one record per
-(provider, mode, shape, dtype).
+Every script times with `triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])` on a GPU (ms p50/p20/p80; a
+wall-clock loop with the same quantiles on CPU) and writes `bench/results/<device>/<script>.json`: a header
+(hardware, versions, git sha, UTC time, command) and one record per (provider, mode, shape, dtype).
 """
 
 from __future__ import annotations
@@ -12,8 +12,11 @@ import json
 import os
 import platform
 import re
+import shlex
+import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+QUANTILES = (0.5, 0.2, 0.8)
 
 
 def device_name() -> str:
@@ -28,40 +32,74 @@ def device_name() -> str:
 
 
 def _git_sha() -> str | None:
+    root = Path(__file__).resolve().parents[1]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parent)
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
-    return out.stdout.strip()
+    return sha + ("-dirty" if dirty else "")
+
+
+def _hardware() -> dict:
+    if torch.cuda.is_available():
+        return {"kind": "cuda", "name": torch.cuda.get_device_name(),
+                "memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)}
+    name = platform.processor() or platform.machine()
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    # The load average says how much of the machine other processes held during the run.
+    return {"kind": "cpu", "name": name, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_average_1m": round(os.getloadavg()[0], 2)}
 
 
 def header(**extra) -> dict:
     """What produced the results: hardware, versions, code and command."""
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
     return {
         "gpu": device_name(),
-        "cpu": platform.processor() or platform.machine(),
+        "hardware": _hardware(),
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,
+        "python": platform.python_version(),
         "git_sha": _git_sha(),
         "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), *sys.argv]),
         **extra,
     }
 
 
-def time_ms(fn: Callable[[], object]) -> dict:
-    """p50/p20/p80 milliseconds of fn on the GPU (do_bench flushes L2 between runs)."""
-    import triton.testing
+def time_ms(fn: Callable[[], object], device: torch.device | None = None, *, quick: bool = False) -> dict:
+    """{"ms_p50", "ms_p20", "ms_p80"} of fn(). CUDA: do_bench (flushes L2 between runs). CPU: a wall-clock loop
+    after one warm-up call, at least 3 runs (quick) or 10, up to about 0.5 s (quick) or 2 s."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        from triton.testing import do_bench
 
-    p50, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-    return {"ms_p50": p50, "ms_p20": p20, "ms_p80": p80}
+        warmup, rep = (10, 40) if quick else (25, 100)
+        p50, p20, p80 = do_bench(fn, warmup=warmup, rep=rep, quantiles=list(QUANTILES))
+        return {"ms_p50": p50, "ms_p20": p20, "ms_p80": p80}
+    fn()
+    budget, at_least = (0.5, 3) if quick else (2.0, 10)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < at_least or (time.perf_counter() - start < budget and len(times) < 200):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    cuts = statistics.quantiles(times, n=100, method="inclusive")
+    return {"ms_p50": statistics.median(times), "ms_p20": cuts[19], "ms_p80": cuts[79]}
 
 
 def peak_memory_gb(fn: Callable[[], object]) -> dict:
@@ -85,8 +123,8 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc)
 
 
-def result_path(script: str, out: str | None) -> Path:
-    """--out if given, else bench/results/<gpu>/<script>.json with the GPU name made file-safe."""
+def result_path(script: str, out: str | os.PathLike | None) -> Path:
+    """--out if given, else bench/results/<device>/<script>.json with the device name made file-safe."""
     if out:
         return Path(out)
     return RESULTS / re.sub(r"[^A-Za-z0-9_.-]+", "_", device_name()) / f"{script}.json"

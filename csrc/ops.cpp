@@ -26,6 +26,12 @@ std::string build_info() {
 
 }  // namespace
 
-TORCH_LIBRARY(rgt, m) { m.def("build_info() -> str", &build_info); }
+TORCH_LIBRARY(rgt, m) {
+  m.def("build_info() -> str", &build_info);
+  // Recursive depthwise stride-k convolution of RG-SA (csrc/{cpu,cuda}/recursive_dwconv.*).
+  m.def("recursive_dwconv_fwd(Tensor x, Tensor weight, Tensor? bias, int times) -> Tensor");
+  m.def("recursive_dwconv_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, int times) "
+        "-> (Tensor, Tensor, Tensor)");
+}
 
 }  // namespace rgt

@@ -10,17 +10,22 @@ interpreter the tests use); a C++ op runs wherever `rgt._C` was built with a ker
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from rgt.ops import _ext
 
 MODES = ("auto", "reference", "fused")
+# Triton ops are defined with torch.library.triton_op / wrap_triton, which torch 2.6 introduced.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+TRITON_OPS = HAS_TRITON and hasattr(torch.library, "triton_op")
 log = logging.getLogger("rgt.ops")
 
 
@@ -45,10 +50,10 @@ def triton_unavailable(x: Tensor) -> str | None:
         return (
             f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU); got a {x.device.type} tensor"
         )
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if not HAS_TRITON:
         return "Triton is not installed (pip install triton)"
+    if not TRITON_OPS:
+        return f"the Triton ops need torch >= 2.6 (torch.library.triton_op); torch {torch.__version__} is installed"
     return None
 
 

@@ -7,13 +7,11 @@ torch.compile traces the model and training uses them. The N x N' attention matr
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 from torch import Tensor
 
 from rgt.ops import reference
-from rgt.ops._dispatch import Op, default_mode, triton_unavailable
+from rgt.ops._dispatch import TRITON_OPS, Op, default_mode, triton_unavailable
 
 
 def _fused(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -74,5 +72,5 @@ def _register() -> None:
     bwd.register_autograd(double_backward)
 
 
-if importlib.util.find_spec("triton") is not None:
+if TRITON_OPS:
     _register()
