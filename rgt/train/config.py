@@ -187,7 +187,7 @@ def _check_network(net: Any) -> dict:
 
 
 def finalize(opt: dict) -> dict:
-    """Fill defaults, resolve paths, check values that the schema cannot (types of the main knobs)."""
+    """Fill defaults and check what the schema cannot: network keys, metric types, numbers given as strings."""
     opt = _merge(_defaults(SCHEMA), opt)
     opt["datasets"] = {k: v for k, v in opt["datasets"].items() if v is not None}
     for key, ds in opt["datasets"].items():
@@ -218,8 +218,7 @@ def finalize(opt: dict) -> dict:
         raise OptionError(f"train: a number was expected: {exc}") from exc
     if t["amp"] not in (None, "bf16"):
         raise OptionError(f"train.amp must be ~ or bf16, got {t['amp']!r}")
-    for key in ("val_freq",):
-        opt["val"][key] = int(float(opt["val"][key]))
+    opt["val"]["val_freq"] = int(float(opt["val"]["val_freq"]))
     for key in ("print_freq", "save_checkpoint_freq"):
         opt["logger"][key] = int(float(opt["logger"][key]))
     return opt
