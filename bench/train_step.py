@@ -2,8 +2,9 @@
 
 GPU: RGT-S x4 at the official batch (32 x 64x64 LR patches, i.e. 8 per GPU x 4 GPUs, on one device) and at a
 single-GPU batch (8), reference vs fused ops, fp32 vs bf16 autocast; it also states how long the official 500k
-iterations would take on this one device. CPU: the tiny test config at a small batch, reference ops only (the
-fused Triton kernels only run in the interpreter there, which is not a performance path), and it says so.
+iterations would take on this one device. CPU: the tiny test config at a small batch, reference vs "auto" (the
+C++ recursive dwconv where built; the Triton attentions only run in the interpreter on a CPU, which is not a
+performance path, so they fall back to the reference), and it says so.
 
     python bench/train_step.py [--quick] [--out FILE.json]
 """
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness  # noqa: E402
 
 import rgt  # noqa: E402
+from rgt.train import build  # noqa: E402
 
 OFFICIAL_ITERS = 500_000
 TINY = dict(upscale=4, embed_dim=36, depth=[2, 2], num_heads=[6, 6], mlp_ratio=2, split_size=[8, 32], c_ratio=0.5)
@@ -83,7 +85,7 @@ def measure(net_kwargs: dict, kernels: str, batch: int, patch: int, dtype: str, 
 def cases(cuda: bool, quick: bool) -> tuple[dict, list[tuple[str, int, int, str]]]:
     """(model kwargs, [(kernels, batch, patch, dtype)])."""
     if not cuda:
-        return TINY, [("reference", 2, 64, "fp32"), ("reference", 2, 64, "bf16")]
+        return TINY, [(k, 2, 64, d) for k in ("reference", "auto") for d in ("fp32", "bf16")]
     batches = [8] if quick else [32, 8]
     return (rgt.models.config("rgt_s", 4),
             [(k, b, 64, d) for b in batches for k in ("reference", "fused") for d in ("fp32", "bf16")])
@@ -99,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     net_kwargs, todo = cases(cuda, args.quick)
     warmup, iters = (1, 2) if args.quick or not cuda else (3, 10)
     if not cuda:
-        print("No CUDA device: timing the tiny config (C=36, 2x2 blocks, x4) with reference ops on the CPU; "
-              "RGT-S and the fused path need a GPU.")
+        print("No CUDA device: timing the tiny config (C=36, 2x2 blocks, x4) on the CPU, reference vs auto "
+              "(C++ dwconv; attentions fall back to the reference); RGT-S and the Triton path need a GPU.")
     records = []
     for kernels, batch, patch, dtype in todo:
         rec = measure(net_kwargs, kernels, batch, patch, dtype, device, warmup, iters)
@@ -113,8 +115,9 @@ def main(argv: list[str] | None = None) -> None:
                     if "official_500k_days_one_device" in rec else "")) if "it_per_s" in rec else rec["error"]
         print(f"{kernels:>9} {dtype} batch {batch}x{patch}x{patch}: {shown}")
     model = "RGT-S x4" if cuda else "tiny config (embed_dim 36, depth [2, 2], heads [6, 6], x4), CPU"
-    head = _harness.header(model=model, quick=args.quick, warmup=warmup, iters=iters,
-                           note=None if cuda else "CPU: tiny config, reference ops only; not RGT-S")
+    paths = build.kernel_report(rgt.RGT(**net_kwargs, kernels="auto"), device)
+    head = _harness.header(model=model, quick=args.quick, warmup=warmup, iters=iters, auto_op_paths=paths,
+                           note=None if cuda else "CPU: tiny config, not RGT-S; Triton attentions not timed")
     path = _harness.result_path("train_step", args.out)
     _harness.save(path, head, records)
     print(f"wrote {path}")
