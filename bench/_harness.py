@@ -103,7 +103,10 @@ def time_ms(fn: Callable[[], object], device: torch.device | None = None, *, qui
 
 
 def peak_memory_gb(fn: Callable[[], object]) -> dict:
-    """Peak allocated memory during one call of fn, in total and above what was allocated before it."""
+    """Peak allocated GPU memory during one call of fn, in total and above what was allocated before it
+    ({} on CPU, where torch keeps no such statistic)."""
+    if not torch.cuda.is_available():
+        return {}
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -111,6 +114,23 @@ def peak_memory_gb(fn: Callable[[], object]) -> dict:
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     return {"peak_mem_gb": peak / 2**30, "extra_mem_gb": (peak - base) / 2**30}
+
+
+def check_and_time(rec: dict, run: Callable[[], object], check: Callable[[object], dict], tol: float) -> dict:
+    """Check run()'s result with `check` (returns {name: max relative error}) against `tol`, then time run and
+    take its peak memory. Returns rec with status "ok", "mismatch ...", "oom" or "error: ...": one provider
+    failing (OOM, unsupported backend) must not stop the others."""
+    try:
+        rec["max_rel_err"] = check(run())
+        if max(rec["max_rel_err"].values()) > tol:
+            return {**rec, "status": f"mismatch (tolerance {tol})"}
+        rec.update(time_ms(run))
+        rec.update(peak_memory_gb(run))
+    except Exception as exc:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return {**rec, "status": "oom" if is_oom(exc) else f"error: {type(exc).__name__}: {exc}"[:300]}
+    return {**rec, "status": "ok"}
 
 
 def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -140,21 +140,14 @@ def bench_one(name, fn, mode, shape, dtype, inputs, expected, ceil) -> dict:
            "dims": dict(zip(("B", "heads", "N", "N_kv", "dqk", "dv"), shape, strict=True)),
            "dtype": str(dtype).removeprefix("torch."), "gflop": flops(shape, mode) / 1e9,
            "exp_bound_ms": exp_bound_ms(shape, mode, ceil)}
-    try:
-        rec["max_rel_err"] = errors(run_mode(fn, mode, q, k, v, do, scale), expected)
-        if max(rec["max_rel_err"].values()) > TOL[dtype]:
-            return {**rec, "status": f"mismatch (tolerance {TOL[dtype]})"}
-        call = lambda: run_mode(fn, mode, q, k, v, do, scale)  # noqa: E731
-        rec.update(_harness.time_ms(call))
-        rec.update(_harness.peak_memory_gb(call))
-    except Exception as exc:  # one provider failing (OOM, unsupported backend) must not stop the others
-        torch.cuda.empty_cache()
-        status = "oom" if _harness.is_oom(exc) else f"error: {type(exc).__name__}: {exc}"[:300]
-        return {**rec, "status": status}
+    rec = _harness.check_and_time(rec, lambda: run_mode(fn, mode, q, k, v, do, scale),
+                                  lambda out: errors(out, expected), TOL[dtype])
+    if rec["status"] != "ok":
+        return rec
     rec["tflops"] = flops(shape, mode) / rec["ms_p50"] / 1e9
     if ceil is not None:
         rec["pct_bf16_peak"] = 100 * rec["tflops"] / ceil.bf16_tflops
-    return {**rec, "status": "ok"}
+    return rec
 
 
 def shape_name(shape) -> str:

@@ -210,23 +210,16 @@ def bench_one(name, fn, mode, shape_name, shape, dtype, inputs, want, ceil) -> d
     rec = record(name, mode, shape_name, shape, dtype)
     rec.update(gflop=m["flop"] / 1e9, min_gb=m["bytes"] / 1e9,
                exp_bound_ms=None if ceil is None else 1e3 * m["exps"] / ceil.exp_per_s)
-    try:
-        rec["max_rel_err"] = errors(run_mode(fn, mode, qkv, table, dout, args), want)
-        if max(rec["max_rel_err"].values()) > TOL[dtype]:
-            return {**rec, "status": f"mismatch (tolerance {TOL[dtype]})"}
-        call = lambda: run_mode(fn, mode, qkv, table, dout, args)  # noqa: E731
-        rec.update(_harness.time_ms(call))
-        rec.update(_harness.peak_memory_gb(call))
-    except Exception as exc:  # one provider failing (OOM, unsupported backend) must not stop the others
-        torch.cuda.empty_cache()
-        status = "oom" if _harness.is_oom(exc) else f"error: {type(exc).__name__}: {exc}"[:300]
-        return {**rec, "status": status}
+    rec = _harness.check_and_time(rec, lambda: run_mode(fn, mode, qkv, table, dout, args),
+                                  lambda out: errors(out, want), TOL[dtype])
+    if rec["status"] != "ok":
+        return rec
     rec["tflops"] = m["flop"] / rec["ms_p50"] / 1e9
     rec["gbps"] = m["bytes"] / rec["ms_p50"] / 1e6
     if ceil is not None:
         rec["pct_bf16_peak"] = 100 * rec["tflops"] / ceil.bf16_tflops
         rec["pct_hbm"] = 100 * rec["gbps"] / (1e3 * ceil.hbm_tbs)
-    return {**rec, "status": "ok"}
+    return rec
 
 
 def gpu_pass(dtype: torch.dtype, quick: bool) -> list[dict]:

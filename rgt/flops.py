@@ -23,17 +23,17 @@ from rgt.arch.rgsa import RG_SA
 
 def count(model: torch.nn.Module, height: int, width: int) -> dict:
     """{'params', 'gflops', 'groups': {name: gflops}} for one (1, in_chans, height, width) input."""
-    try:
-        from fvcore.nn import FlopCountAnalysis
-    except ImportError as exc:
-        raise SystemExit("FLOP counting needs fvcore: pip install 'rgt[flops]'") from exc
     model.eval()
     x = torch.rand(1, model.in_chans, height, width)
-    analysis = FlopCountAnalysis(model, x).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    # The trace runs the model once: without no_grad it keeps ~13 GB of activations. fvcore's own use of
-    # torch.jit is deprecated in recent torch; that warning is fvcore's, not the user's, to act on.
+    # fvcore scripts helpers with torch.jit, deprecated in recent torch: that warning is fvcore's, not the
+    # user's, to act on. The trace runs the model once: without no_grad it keeps ~13 GB of activations.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
+        try:
+            from fvcore.nn import FlopCountAnalysis
+        except ImportError as exc:
+            raise SystemExit("FLOP counting needs fvcore: pip install 'rgt[flops]'") from exc
+        analysis = FlopCountAnalysis(model, x).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         per_module = analysis.by_module()
         total = analysis.total()
     groups: dict[str, float] = defaultdict(float)
