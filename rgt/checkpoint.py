@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -95,9 +95,7 @@ def save_checkpoint(model: nn.Module | Mapping, path: str | os.PathLike, *, slim
         sd = m.state_dict() if isinstance(m, nn.Module) else dict(m)
         return {k: v.detach().cpu().contiguous() for k, v in sd.items() if not (slim and is_derived(k))}
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    def write(tmp: str) -> None:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
@@ -107,6 +105,19 @@ def save_checkpoint(model: nn.Module | Mapping, path: str | os.PathLike, *, slim
             if ema is not None:
                 payload["params_ema"] = prepare(ema)
             torch.save(payload, tmp)
+
+    return atomic_write(path, write)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call write(tmp) on a temporary file beside `path`, then rename it over `path`: a run killed mid-write
+    leaves the previous file intact, never a truncated one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

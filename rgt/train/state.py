@@ -15,13 +15,12 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rgt.checkpoint import save_checkpoint
+from rgt.checkpoint import atomic_write, save_checkpoint
 
 
 def model_path(root: Path, it: int | str) -> Path:
@@ -33,16 +32,7 @@ def state_path(root: Path, it: int) -> Path:
 
 
 def atomic_save(obj: object, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def rng_state() -> dict:
