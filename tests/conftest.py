@@ -18,3 +18,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
         if "slow" in item.keywords and not slow_ok:
             item.add_marker(pytest.mark.skip(reason="slow test: set RGT_SLOW_TESTS=1 to run"))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny x2 RGT with seeded random weights, on the reference ops (fast on CPU, no interpreter)."""
+    from _utils import TINY
+
+    import rgt
+
+    torch.manual_seed(0)
+    return rgt.RGT(**TINY, kernels="reference").eval()

@@ -5,19 +5,13 @@ import shutil
 
 import pytest
 import torch
-from _utils import TINY, gen
+from _utils import gen
 
 import rgt
 from rgt.data import bicubic_degrade, imresize, modcrop, quantize_uint8, read_image, write_image
 from rgt.data.prepare import main as prepare
 from rgt.evaluate import Pair, best_crop, find_pairs, main
 from rgt.metrics import psnr, ssim
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return rgt.RGT(**TINY, kernels="reference").eval()
 
 
 @pytest.fixture(scope="module")

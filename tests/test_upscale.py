@@ -5,7 +5,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from _utils import TINY, gen
+from _utils import gen
 from PIL import Image
 
 import rgt
@@ -13,12 +13,6 @@ from rgt.data import read_image, write_image
 from rgt.upscale import main
 
 H, W = 20, 24
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return rgt.RGT(**TINY, kernels="reference").eval()
 
 
 @pytest.fixture(scope="module")
