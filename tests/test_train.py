@@ -6,11 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torch import Tensor
 
 import rgt
 from rgt.train import DataError, OptionError, TrainingDiverged, load_options, train
 from rgt.train.cli import main
-from rgt.train.dataset import InfiniteSampler, SRDataset, dihedral
+from rgt.train.build import degrade_on_device
+from rgt.train.dataset import (InfiniteSampler, SRDataset, collate, context_window, dihedral,
+                               patches_from_windows)
 from rgt.train.distributed import setup
 from rgt.train.ema import EMA
 from rgt.train.loop import Trainer
@@ -81,19 +84,88 @@ def test_override_unknown_key_rejected():
 # --------------------------------------------------------------------------------------------------- data
 
 
-def test_hr_only_patch_equals_crop_of_degraded_image():
-    """Degrading patch + margin gives exactly the crop of the whole degraded image, borders included."""
-    ds = SRDataset(ASSETS / "images" / "val", None, 3, gt_size=48, hflip=False, rot=False)
-    whole = ds._whole(0)
-    gen = torch.Generator().manual_seed(0)
-    hh, ww = whole["lq"].shape[-2:]
-    corners = [(0, 0), (hh - 16, ww - 16)] + [tuple(int(torch.randint(0, n - 16, (), generator=gen)) for n in
-                                                     (hh, ww)) for _ in range(3)]
-    hr = whole["gt"]
-    for top, left in corners:
-        lq, gt = ds._degraded_patch(hr, top, left, 16)
-        assert torch.equal(lq, whole["lq"][:, top:top + 16, left:left + 16])
-        assert torch.equal(gt, hr[:, 3 * top:3 * top + 48, 3 * left:3 * left + 48])
+def _window_item(hr: Tensor, scale: int, top: int, left: int, p: int) -> dict:
+    """An HR-only training item (no flips) for the LR patch at (top, left) of the whole HR image."""
+    h, w = hr.shape[-2] // scale, hr.shape[-1] // scale
+    (t0, th), (l0, tw) = context_window(h, top, p), context_window(w, left, p)
+    window = hr[:, scale * t0:scale * (t0 + th), scale * l0:scale * (l0 + tw)]
+    return {"hr": window, "offset": torch.tensor((top - t0, left - l0)), "flips": torch.zeros(3, dtype=torch.bool)}
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_hr_only_patch_equals_crop_of_degraded_image(scale):
+    """Degrading a window of patch + margin gives exactly the crop of the whole degraded image, at the borders
+    (where the window slides inside the image) and in an image shorter than the window (whole axis)."""
+    gen = torch.Generator().manual_seed(scale)
+    photo = SRDataset(ASSETS / "images" / "val", None, scale)._whole(0)["gt"]
+    short = photo[:, : scale * 20, : scale * 45]  # 20 LR rows < p + 2 * MARGIN
+    p = 16
+    for hr in (photo, short):
+        whole = rgt.data.bicubic_degrade(torch.round(hr * 255).to(torch.uint8), scale).float() / 255
+        hh, ww = whole.shape[-2:]
+        corners = [(0, 0), (hh - p, ww - p), (1, ww - p - 2), (hh - p - 1, 2)]
+        corners += [tuple(int(torch.randint(0, n - p + 1, (), generator=gen)) for n in (hh, ww)) for _ in range(4)]
+        items = [_window_item(hr, scale, top, left, p) for top, left in corners]
+        assert len({tuple(i["hr"].shape) for i in items}) == 1  # fixed window size: one batched resize
+        lq, gt = patches_from_windows(collate(items), scale, p)
+        for k, (top, left) in enumerate(corners):
+            assert torch.equal(lq[k], whole[:, top:top + p, left:left + p]), (top, left)
+            assert torch.equal(gt[k], hr[:, scale * top:scale * (top + p), scale * left:scale * (left + p)])
+
+
+def _hr_only_dir(tmp_path: Path) -> Path:
+    """Two photos and a crop of one that is shorter than the context window of 16-px LR patches at x2."""
+    folder = tmp_path / "hr"
+    folder.mkdir()
+    for name in ("chelsea", "coffee"):
+        rgt.data.write_image(folder / f"{name}.png", rgt.data.read_image(ASSETS / "images" / "val" / f"{name}.png")
+                             .image)
+    rgt.data.write_image(folder / "strip.png", rgt.data.read_image(folder / "coffee.png").image[:, 100:141, 7:200])
+    return folder
+
+
+def test_device_degradation_equals_worker_degradation(tmp_path):
+    """degrade_on_device items, batched and degraded by the training loop's function, are bit-identical to the
+    workers' (lq, gt) for the same sample keys: augmentations, borders and odd-sized windows included."""
+    folder = _hr_only_dir(tmp_path)
+    worker = SRDataset(folder, None, 2, gt_size=32)
+    device = SRDataset(folder, None, 2, gt_size=32, degrade_on_device=True)
+    keys = [(i % 3, (5, 0, i)) for i in range(12)]
+    items = [device[k] for k in keys]
+    assert "lq" not in items[0] and len({tuple(i["hr"].shape) for i in items}) == 2
+    batch = collate(items)
+    assert isinstance(batch["hr"], list)  # mixed window sizes: one resize per window
+    lq, gt = patches_from_windows(batch, 2, 16, torch.device("cpu"))
+    expected = collate([worker[k] for k in keys])
+    assert torch.equal(lq, expected["lq"]) and torch.equal(gt, expected["gt"])
+    assert batch["flips"].any() and not batch["flips"].all()  # the keys did draw augmentations
+
+
+def test_training_with_device_degradation_matches_workers(tmp_path):
+    """Two iterations with degrade_on=device (the training loop degrades) lose exactly what degrade_on=worker
+    loses; auto is the worker on CPU; device is refused for paired data."""
+    runs = {where: train(tiny_opt(tmp_path / where, "train.total_iter=2", f"datasets.train.degrade_on={where}"))
+            for where in ("device", "worker")}
+    assert runs["device"].losses == runs["worker"].losses
+    opt = tiny_opt(tmp_path)
+    assert not degrade_on_device(opt, torch.device("cpu")) and degrade_on_device(opt, torch.device("cuda"))
+    with pytest.raises(OptionError, match="degrade_on must be one of auto, worker, device"):
+        tiny_opt(tmp_path, "datasets.train.degrade_on=gpu")
+    with pytest.raises(OptionError, match="degrade_on: device applies to HROnlyDataset"):
+        degrade_on_device(tiny_opt(tmp_path, "datasets.train.type=PairedImageDataset",
+                                   "datasets.train.degrade_on=device"), torch.device("cpu"))
+
+
+@pytest.mark.gpu
+def test_device_degradation_on_cuda_equals_cpu(tmp_path):
+    folder = _hr_only_dir(tmp_path)
+    ds = SRDataset(folder, None, 2, gt_size=32, degrade_on_device=True)
+    for keys in ([(i % 2, (7, 0, i)) for i in range(8)], [(i % 3, (7, 0, i)) for i in range(6)]):
+        batch = collate([ds[k] for k in keys])
+        lq, gt = patches_from_windows(batch, 2, 16, torch.device("cuda"))
+        assert lq.is_cuda and gt.is_cuda
+        ref_lq, ref_gt = patches_from_windows(batch, 2, 16)
+        assert torch.equal(lq.cpu(), ref_lq) and torch.equal(gt.cpu(), ref_gt)
 
 
 def _paired(tmp_path: Path, scale: int = 2) -> tuple[Path, Path]:

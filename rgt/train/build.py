@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from rgt.arch import RGT
 from rgt.checkpoint import load_checkpoint, read_state_dict
 from rgt.train.config import OptionError
-from rgt.train.dataset import InfiniteSampler, SRDataset
+from rgt.train.dataset import InfiniteSampler, SRDataset, collate
 from rgt.train.distributed import Dist
 
 log = logging.getLogger("rgt.train")
@@ -86,7 +86,7 @@ class _Weighted(nn.Module):
         return self.weight * self.base(out.float(), target.float())
 
 
-def _dataset(cfg: dict, scale: int, gt_size: int | None) -> SRDataset:
+def _dataset(cfg: dict, scale: int, gt_size: int | None, degrade_on_device: bool = False) -> SRDataset:
     if cfg["type"] not in ("PairedImageDataset", "HROnlyDataset"):
         raise OptionError(f"dataset type must be PairedImageDataset or HROnlyDataset, got {cfg['type']!r}")
     if cfg["meta_info_file"]:
@@ -95,24 +95,35 @@ def _dataset(cfg: dict, scale: int, gt_size: int | None) -> SRDataset:
         raise OptionError(f"datasets.{cfg['name']}: dataroot_gt is required")
     lq = cfg["dataroot_lq"] if cfg["type"] == "PairedImageDataset" else None
     return SRDataset(cfg["dataroot_gt"], lq, scale, filename_tmpl=cfg["filename_tmpl"], gt_size=gt_size,
-                     hflip=bool(cfg.get("use_hflip", True)), rot=bool(cfg.get("use_rot", True)))
+                     hflip=bool(cfg.get("use_hflip", True)), rot=bool(cfg.get("use_rot", True)),
+                     degrade_on_device=degrade_on_device)
 
 
-def _collate(items: list[dict]) -> dict:
-    return {"lq": torch.stack([i["lq"] for i in items]), "gt": torch.stack([i["gt"] for i in items])}
+def degrade_on_device(opt: dict, device: torch.device) -> bool:
+    """Whether HR-only training data is degraded by the training loop on `device` rather than in the workers:
+    datasets.train.degrade_on, where "auto" means on GPUs (the float64 resize is cheap there and frees the CPU
+    workers, which then only decode and crop)."""
+    cfg = opt["datasets"]["train"]
+    if cfg["type"] != "HROnlyDataset":
+        if cfg["degrade_on"] == "device":
+            raise OptionError("datasets.train.degrade_on: device applies to HROnlyDataset (LR made on the fly); "
+                              f"this training set is {cfg['type']}")
+        return False
+    return cfg["degrade_on"] == "device" or (cfg["degrade_on"] == "auto" and device.type == "cuda")
 
 
 def train_loader(opt: dict, d: Dist, start: int) -> Iterator[dict]:
-    """An endless iterator of batches {'lq': (B, 3, p, p), 'gt': (B, 3, sp, sp)} for this rank, starting at
-    sample position `start` of the rank's stream (resume)."""
+    """An endless iterator of batches for this rank, starting at sample position `start` of the rank's stream
+    (resume): {'lq': (B, 3, p, p), 'gt': (B, 3, sp, sp)}, or HR windows for `patches_from_windows` when the
+    degradation runs on the device."""
     cfg = opt["datasets"]["train"]
-    ds = _dataset(cfg, opt["scale"], int(cfg["gt_size"]))
+    ds = _dataset(cfg, opt["scale"], int(cfg["gt_size"]), degrade_on_device(opt, d.device))
     sampler = InfiniteSampler(len(ds), seed=int(opt["manual_seed"]), rank=d.rank, world=d.world,
                               shuffle=bool(cfg["use_shuffle"]), enlarge=int(cfg["dataset_enlarge_ratio"]),
                               start=start)
     workers = int(cfg["num_worker_per_gpu"])
     loader = DataLoader(ds, batch_size=int(cfg["batch_size_per_gpu"]), sampler=sampler, num_workers=workers,
-                        collate_fn=_collate, pin_memory=d.device.type == "cuda", drop_last=True,
+                        collate_fn=collate, pin_memory=d.device.type == "cuda", drop_last=True,
                         persistent_workers=False, prefetch_factor=2 if workers else None,
                         # A private generator: the loader's base seed must not consume the global RNG that
                         # drop path uses, or a resumed run would draw different masks.

@@ -28,6 +28,7 @@ _DATASET = {
     "task": ANY,
     "dataroot_gt": None,
     "dataroot_lq": None,  # None: HR only, degraded on the fly
+    "degrade_on": "auto",  # HR only: where the bicubic runs, "worker" (CPU), "device" or "auto" (device on GPUs)
     "filename_tmpl": "{}",
     "io_backend": ANY,
     "meta_info_file": None,
@@ -43,6 +44,7 @@ _DATASET = {
 }
 _VAL_DATASET = {k: _DATASET[k] for k in ("name", "type", "task", "dataroot_gt", "dataroot_lq", "filename_tmpl",
                                          "io_backend", "meta_info_file")}
+DEGRADE_ON = ("auto", "worker", "device")
 _METRIC = {"type": "calculate_psnr", "crop_border": None, "test_y_channel": True, "better": "higher"}
 
 SCHEMA: dict[str, Any] = {
@@ -216,6 +218,9 @@ def finalize(opt: dict) -> dict:
             t[key] = float(t[key] or 0.0)
     except (TypeError, ValueError) as exc:
         raise OptionError(f"train: a number was expected: {exc}") from exc
+    if opt["datasets"]["train"]["degrade_on"] not in DEGRADE_ON:
+        raise OptionError(f"datasets.train.degrade_on must be one of {', '.join(DEGRADE_ON)}, "
+                          f"got {opt['datasets']['train']['degrade_on']!r}")
     if t["amp"] not in (None, "bf16"):
         raise OptionError(f"train.amp must be ~ or bf16, got {t['amp']!r}")
     opt["val"]["val_freq"] = int(float(opt["val"]["val_freq"]))

@@ -89,21 +89,27 @@ def dihedral(x: Tensor, hflip: bool, vflip: bool, transpose: bool) -> Tensor:
 class SRDataset(Dataset):
     """Training: random aligned (LR patch, HR patch) with dihedral augmentation; validation: whole images.
 
-    Items are dicts: `lq` (3, h, w) and `gt` (3, s*h, s*w), float32 in [0, 1], and `name`.
+    Items are dicts: `lq` (3, h, w) and `gt` (3, s*h, s*w), float32 in [0, 1], and `name`. With
+    `degrade_on_device`, HR-only training items instead carry the undegraded HR context window, which
+    `patches_from_windows` turns into the very same `lq`/`gt` on the training device: `hr` (3, s*wh, s*ww),
+    `offset` (2,) the LR patch's top-left inside the window, `flips` (3,) the dihedral transform.
 
     Args:
         hr_dir, lr_dir: folders; lr_dir None = HR only, LR made on the fly (MATLAB-exact bicubic, from 8 bits).
         scale: SR factor. filename_tmpl: LR name from the HR stem, e.g. "{}x4".
         gt_size: HR patch side (training); the LR patch is gt_size // scale. None: whole images (validation).
         hflip, rot: augmentations (rot = vertical flip and transpose, so all 8 dihedral transforms).
+        degrade_on_device: HR-only training: leave the bicubic degradation to the training loop.
     """
 
     def __init__(self, hr_dir: str, lr_dir: str | None, scale: int, *, filename_tmpl: str = "{}",
-                 gt_size: int | None = None, hflip: bool = True, rot: bool = True):
+                 gt_size: int | None = None, hflip: bool = True, rot: bool = True,
+                 degrade_on_device: bool = False):
         if gt_size is not None and (gt_size % scale or gt_size < scale):
             raise DataError(f"gt_size {gt_size} must be a positive multiple of the scale {scale}")
         self.pairs = _pairs(hr_dir, lr_dir, filename_tmpl)
         self.scale, self.gt_size, self.hflip, self.rot = scale, gt_size, hflip, rot
+        self.degrade_on_device = degrade_on_device and lr_dir is None and gt_size is not None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -113,10 +119,19 @@ class SRDataset(Dataset):
             return self._whole(int(key))
         index, entropy = key
         rng = np.random.default_rng(entropy)
-        lq, gt = self._patch(index, rng)
+        name, p = self.pairs[index][0].stem, self.gt_size // self.scale
+        hr, lr, (top, left) = self._crop(index, rng)
         flips = rng.random(3) < 0.5
         t = (bool(flips[0]) and self.hflip, bool(flips[1]) and self.rot, bool(flips[2]) and self.rot)
-        return {"lq": dihedral(lq, *t), "gt": dihedral(gt, *t), "name": self.pairs[index][0].stem}
+        if lr is not None:
+            s = self.scale
+            lq, gt = lr[:, top:top + p, left:left + p], hr[:, s * top:s * (top + p), s * left:s * (left + p)]
+            return {"lq": dihedral(lq, *t), "gt": dihedral(gt, *t), "name": name}
+        item = {"hr": hr, "offset": torch.tensor((top, left)), "flips": torch.tensor(t), "name": name}
+        if self.degrade_on_device:
+            return item
+        lq, gt = patches_from_windows(collate([item]), self.scale, p)
+        return {"lq": lq[0], "gt": gt[0], "name": name}
 
     def _whole(self, index: int) -> dict:
         hr_path, lr_path = self.pairs[index]
@@ -130,8 +145,9 @@ class SRDataset(Dataset):
         lr = _read_rgb(lr_path)
         return {"lq": lr, "gt": _check_pair(hr, lr, s, hr_path, lr_path), "name": hr_path.stem}
 
-    def _patch(self, index: int, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
-        """A random LR patch (p, p) and its HR patch (s*p, s*p)."""
+    def _crop(self, index: int, rng: np.random.Generator) -> tuple[Tensor, Tensor | None, tuple[int, int]]:
+        """A random LR patch position. Paired: (HR, LR, (top, left)) whole images. HR only: (HR context window,
+        None, patch position inside the window), the window from `context_window` along each axis."""
         hr_path, lr_path = self.pairs[index]
         s, p = self.scale, self.gt_size // self.scale
         hr = _read_rgb(hr_path)
@@ -142,19 +158,53 @@ class SRDataset(Dataset):
                             f"LR patch (gt_size {self.gt_size} / scale {s})")
         top, left = int(rng.integers(0, h - p + 1)), int(rng.integers(0, w - p + 1))
         if lr is not None:
-            hr = _check_pair(hr, lr, s, hr_path, lr_path)
-            return lr[:, top:top + p, left:left + p], hr[:, s * top:s * (top + p), s * left:s * (left + p)]
-        return self._degraded_patch(hr[:, : h * s, : w * s], top, left, p)
+            return _check_pair(hr, lr, s, hr_path, lr_path), lr, (top, left)
+        (t0, th), (l0, tw) = context_window(h, top, p), context_window(w, left, p)
+        return hr[:, s * t0:s * (t0 + th), s * l0:s * (l0 + tw)].contiguous(), None, (top - t0, left - l0)
 
-    def _degraded_patch(self, hr: Tensor, top: int, left: int, p: int) -> tuple[Tensor, Tensor]:
-        """Degrade only the patch plus MARGIN LR pixels (clipped at the image border, where the resize pads the
-        same way as for the whole image), so the LR patch equals that of the whole degraded image."""
-        s, (h, w) = self.scale, (hr.shape[-2] // self.scale, hr.shape[-1] // self.scale)
-        t0, l0 = max(top - MARGIN, 0), max(left - MARGIN, 0)
-        t1, l1 = min(top + p + MARGIN, h), min(left + p + MARGIN, w)
-        lr = _degrade(hr[:, s * t0:s * t1, s * l0:s * l1], s)
-        lq = lr[:, top - t0:top - t0 + p, left - l0:left - l0 + p]
-        return lq, hr[:, s * top:s * (top + p), s * left:s * (left + p)]
+
+def context_window(n: int, start: int, p: int) -> tuple[int, int]:
+    """(first, length) in LR pixels of the stretch of an n-pixel axis to degrade for the patch [start, start + p).
+
+    Bicubic downscaling reads 2 LR pixels beyond each output pixel and mirrors the image at its own border, so
+    degrading the patch plus MARGIN pixels gives exactly the whole degraded image's pixels, provided each side
+    of the stretch is either MARGIN away from the patch or the image's border. The stretch has the fixed length
+    p + 2 * MARGIN (slid inside the image near a border), so windows from one dataset batch into one tensor;
+    only an image shorter than that gives its whole length.
+    """
+    length = min(p + 2 * MARGIN, n)
+    return min(max(start - MARGIN, 0), n - length), length
+
+
+def collate(items: list[dict]) -> dict:
+    """Batch training items. `lq`/`gt`, `offset`, `flips` are stacked; HR windows are stacked when their sizes
+    agree (the rule) and kept as a list otherwise (an image shorter than the window)."""
+    if "lq" in items[0]:
+        return {"lq": torch.stack([i["lq"] for i in items]), "gt": torch.stack([i["gt"] for i in items])}
+    hr = [i["hr"] for i in items]
+    same = all(x.shape == hr[0].shape for x in hr)
+    return {"hr": torch.stack(hr) if same else hr, "offset": torch.stack([i["offset"] for i in items]),
+            "flips": torch.stack([i["flips"] for i in items])}
+
+
+def patches_from_windows(batch: dict, scale: int, patch: int,
+                         device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """HR-only batch -> (lq (B, 3, p, p), gt (B, 3, s*p, s*p)) on `device` (default: where the windows are).
+
+    MATLAB-exact bicubic of each HR window (from 8 bits, in float64), then the patch crop and its dihedral
+    transform. The same function serves the data workers (CPU) and the training loop (GPU); the resize is
+    bit-identical on both, so where it runs changes nothing but speed.
+    """
+    s, p = scale, patch
+    hr = batch["hr"]
+    windows = [hr.to(device, non_blocking=True)] if isinstance(hr, Tensor) else [x[None].to(device) for x in hr]
+    lrs = [lr for w in windows for lr in _degrade(w, s)]
+    hrs = [x for w in windows for x in w]
+    lqs, gts = [], []
+    for lr, x, (t, l), flips in zip(lrs, hrs, batch["offset"].tolist(), batch["flips"].tolist()):
+        lqs.append(dihedral(lr[:, t:t + p, l:l + p], *flips))
+        gts.append(dihedral(x[:, s * t:s * (t + p), s * l:s * (l + p)], *flips))
+    return torch.stack(lqs), torch.stack(gts)
 
 
 class InfiniteSampler(Sampler):

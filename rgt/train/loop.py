@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from rgt.train import build, state
 from rgt.train import distributed as dist_util
+from rgt.train.dataset import patches_from_windows
 from rgt.train.ema import EMA
 from rgt.train.validate import format_metrics, validate
 
@@ -60,6 +61,10 @@ class Trainer:
         self.net = build.model(opt, d.device)
         for line in build.kernel_report(self.net, d.device):
             log.info("kernels=%s: %s", self.net.kernels, line)
+        self.degrade_on_device = build.degrade_on_device(opt, d.device)
+        if opt["datasets"]["train"]["type"] == "HROnlyDataset":
+            log.info("HR-only data: MATLAB-exact bicubic LR made %s", f"on {d.device} in the training loop"
+                     if self.degrade_on_device else "in the data workers (CPU)")
         self.optim = build.optimizer(opt, self.net.parameters())
         self.sched = build.scheduler(opt, self.optim)
         self.criterion = build.loss(opt)
@@ -118,9 +123,7 @@ class Trainer:
         self.optim.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.d.device)
         for k in range(n):
-            batch = next(batches)
-            lq = batch["lq"].to(self.d.device, non_blocking=True)
-            gt = batch["gt"].to(self.d.device, non_blocking=True)
+            lq, gt = self._inputs(next(batches))
             # gradients are all-reduced on the last micro-batch only
             sync = k == n - 1 or self.ddp is None
             with (contextlib.nullcontext() if sync else self.ddp.no_sync()), self._autocast():
@@ -128,6 +131,14 @@ class Trainer:
             loss.backward()
             total += loss.detach()
         return total
+
+    def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lq, gt) on the device; HR-only windows are degraded there when degrade_on_device."""
+        if "hr" in batch:
+            cfg = self.opt["datasets"]["train"]
+            return patches_from_windows(batch, self.opt["scale"], int(cfg["gt_size"]) // self.opt["scale"],
+                                        self.d.device)
+        return batch["lq"].to(self.d.device, non_blocking=True), batch["gt"].to(self.d.device, non_blocking=True)
 
     def _finish_step(self, loss: torch.Tensor) -> float:
         """Check the loss on every rank, clip, step; returns the loss averaged over ranks."""
