@@ -10,10 +10,9 @@ from torch import Tensor
 
 import rgt
 from rgt.train import DataError, OptionError, TrainingDiverged, load_options, train
-from rgt.train.cli import main
 from rgt.train.build import degrade_on_device
-from rgt.train.dataset import (InfiniteSampler, SRDataset, collate, context_window, dihedral,
-                               patches_from_windows)
+from rgt.train.cli import main
+from rgt.train.dataset import InfiniteSampler, SRDataset, collate, context_window, dihedral, patches_from_windows
 from rgt.train.distributed import setup
 from rgt.train.ema import EMA
 from rgt.train.loop import Trainer
@@ -139,6 +138,10 @@ def test_device_degradation_equals_worker_degradation(tmp_path):
     expected = collate([worker[k] for k in keys])
     assert torch.equal(lq, expected["lq"]) and torch.equal(gt, expected["gt"])
     assert batch["flips"].any() and not batch["flips"].all()  # the keys did draw augmentations
+    # and each LR patch is the bicubic image of its HR patch, whatever the flips (away from the patch border,
+    # where the whole image's context differs; 1 LSB for rounding ties summed in mirrored order)
+    own = rgt.data.bicubic_degrade(torch.round(gt * 255).to(torch.uint8), 2).float() / 255
+    assert (own - lq)[..., 3:-3, 3:-3].abs().max() <= 1.01 / 255
 
 
 def test_training_with_device_degradation_matches_workers(tmp_path):

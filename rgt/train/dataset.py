@@ -201,7 +201,7 @@ def patches_from_windows(batch: dict, scale: int, patch: int,
     lrs = [lr for w in windows for lr in _degrade(w, s)]
     hrs = [x for w in windows for x in w]
     lqs, gts = [], []
-    for lr, x, (t, l), flips in zip(lrs, hrs, batch["offset"].tolist(), batch["flips"].tolist()):
+    for lr, x, (t, l), flips in zip(lrs, hrs, batch["offset"].tolist(), batch["flips"].tolist(), strict=True):
         lqs.append(dihedral(lr[:, t:t + p, l:l + p], *flips))
         gts.append(dihedral(x[:, s * t:s * (t + p), s * l:s * (l + p)], *flips))
     return torch.stack(lqs), torch.stack(gts)
