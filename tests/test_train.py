@@ -306,6 +306,19 @@ def test_accumulate_clip_bf16_run(tmp_path):
     assert training["sampler_position"] == 4  # 2 micro-batches of 2
 
 
+def test_tensorboard_logging(tmp_path):
+    """logger.use_tb_logger: loss, learning rate and validation metrics as TensorBoard scalars."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    result = train(load_options(None, [*TINY_RUN, f"path.experiments_root={tmp_path / 'exp'}",
+                                       "train.total_iter=2", "logger.use_tb_logger=true"]))
+    events = event_accumulator.EventAccumulator(str(tmp_path / "exp" / "tb"))
+    events.Reload()
+    assert {"losses/l_pix", "lr", "metrics/bundled_val/psnr", "metrics/bundled_val/psnr_bicubic"} <= set(
+        events.Tags()["scalars"])
+    assert [(e.step, e.value) for e in events.Scalars("losses/l_pix")] == pytest.approx(list(result.losses.items()))
+    assert events.Scalars("metrics/bundled_val/psnr")[-1].value == pytest.approx(result.metrics["bundled_val"]["psnr"])
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
     opt = tiny_opt(tmp_path, "train.total_iter=4", "logger.save_checkpoint_freq=2")
     trainer = Trainer(opt, setup(0))

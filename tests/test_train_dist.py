@@ -2,6 +2,7 @@
 
 import copy
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -23,8 +24,29 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def test_ddp_two_processes_gloo(tmp_path):
-    """torchrun with 2 CPU processes: DDP keeps every rank's parameters identical; rank 0 alone checkpoints."""
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(mode: str, args: list[str], env: dict) -> list[subprocess.Popen]:
+    """torchrun: one agent with 2 processes, or two agents ('nodes') with 1 each meeting through the c10d
+    rendezvous, as the README's multi-node command does across machines."""
+    run = [sys.executable, "-m", "torch.distributed.run"]
+    if mode == "standalone":
+        return [subprocess.Popen([*run, "--standalone", "--nproc_per_node=2", *args], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+    rdzv = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", "--rdzv_id=rgt_test",
+            f"--rdzv_endpoint=127.0.0.1:{_free_port()}"]
+    return [subprocess.Popen([*run, *rdzv, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+
+
+@pytest.mark.parametrize("mode", ["standalone", "two_nodes"])
+def test_ddp_two_processes_gloo(tmp_path, mode):
+    """2 CPU processes under torchrun (one agent, or two agents joined by the c10d rendezvous): DDP keeps every
+    rank's parameters identical; rank 0 alone checkpoints."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     root = tmp_path / "exp"
@@ -32,10 +54,10 @@ def test_ddp_two_processes_gloo(tmp_path):
                  "datasets.train.num_worker_per_gpu=0", "datasets.val=~", "train.total_iter=3", "train.accumulate=2",
                  "logger.save_checkpoint_freq=3", f"path.experiments_root={root}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(tmp_path), *overrides]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    procs = _launch(mode, [str(script), str(tmp_path), *overrides], env)
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["losses"] == r1["losses"] and sorted(r0["losses"]) == [1, 2, 3]  # the mean over ranks
     ckpt = torch.load(root / "models" / "net_g_3.pth", weights_only=True)["params"]

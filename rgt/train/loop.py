@@ -171,6 +171,8 @@ class Trainer:
             training = {"optimizers": [self.optim.state_dict()], "schedulers": [self.sched.state_dict()],
                         "rng": rngs, "sampler_position": self.position}
             path = state.save(self.root, self.iter, self.net, self.ema.module if self.ema else None, training)
+            if self.tb is not None:  # a killed run keeps its curves up to the checkpoint it resumes from
+                self.tb.flush()
         dist_util.barrier(self.d)
         return path
 
@@ -209,6 +211,8 @@ class Trainer:
                 result.metrics = self.validate() or result.metrics
                 self.net.train()
         bar.close()
+        if self.tb is not None:
+            self.tb.close()
         result.last_iter, result.model = self.iter, self.net
         result.ema = self.ema.module if self.ema is not None else None
         return result
