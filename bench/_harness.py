@@ -7,6 +7,7 @@ wall-clock loop with the same quantiles on CPU) and writes `bench/results/<devic
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -141,6 +142,17 @@ def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc)
+
+
+def arg_parser(doc: str, script: str, quick_help: str, dtypes: list[str] | None = None) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --quick, --out (default `result_path(script, None)`) and, with
+    `dtypes`, --dtype (its first entry the default). Scripts add their own on top."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    if dtypes:
+        parser.add_argument("--dtype", choices=dtypes, default=dtypes[0])
+    parser.add_argument("--out", help=f"JSON path (default bench/results/<device>/{script}.json)")
+    return parser
 
 
 def result_path(script: str, out: str | os.PathLike | None) -> Path:

@@ -29,7 +29,6 @@ Without CUDA: a small correctness-only pass (fused kernels in the Triton interpr
 
 from __future__ import annotations
 
-import argparse
 import os
 import warnings
 from collections.abc import Callable
@@ -283,11 +282,8 @@ def _line(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="skip the compiled providers")
-    parser.add_argument("--dtype", choices=list(_harness.DTYPES), default="bf16")
-    parser.add_argument("--out", help="JSON path (default bench/results/<gpu>/attention_rwin.json)")
-    args = parser.parse_args(argv)
+    args = _harness.arg_parser(__doc__, "attention_rwin", "skip the compiled providers",
+                               list(_harness.DTYPES)).parse_args(argv)
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before rgt is imported: @triton.jit reads it then

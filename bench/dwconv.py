@@ -13,12 +13,9 @@ Usage: python bench/dwconv.py [--quick] [--dtype bf16|fp32|all] [--out PATH] [--
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
 from _device import ceiling, copy_bandwidth_gbs
-from _harness import device_name, header, result_path, save, time_ms
+from _harness import arg_parser, device_name, header, max_rel_err, result_path, save, time_ms
 
 from rgt.ops import recursive_dwconv
 
@@ -56,13 +53,14 @@ def forward_backward(fn, x, w, b, grad_out):
 
 
 def max_errors(fns, x, w, b, grad_out) -> dict:
-    """Max abs difference of each provider's output and gradients from the reference's, on the same inputs."""
+    """Each provider's max relative difference (max |diff| / max |reference|) from the reference's output and
+    gradients, on the same inputs."""
     ref_out, ref_grads = forward_backward(fns["reference"], x, w, b, grad_out)
     errors = {}
     for name, fn in fns.items():
         out, grads = forward_backward(fn, x, w, b, grad_out)
         pairs = zip(["out", "x", "weight", "bias"], (out, *grads), (ref_out, *ref_grads), strict=True)
-        errors[name] = {n: (a.float() - e.float()).abs().max().item() for n, a, e in pairs}
+        errors[name] = {n: max_rel_err(a, e) for n, a, e in pairs}
     return errors
 
 
@@ -123,7 +121,7 @@ def run(args) -> tuple[dict, list[dict]]:
                         "speedup_vs_reference": round(base[mode] / p50, 2),
                         "peak_mem_mib": (round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
                                          if device.type == "cuda" else None),
-                        "max_abs_err_vs_reference": errors[name],
+                        "max_rel_err_vs_reference": errors[name],
                     })
                     r = records[-1]
                     print(f"{dtype_name:4} {shape_name:9} {mode:7} {name:17} {p50:9.3f} ms  {gbs:7.1f} GB/s "
@@ -132,10 +130,7 @@ def run(args) -> tuple[dict, list[dict]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    parser.add_argument("--dtype", choices=[*DTYPES, "all"], default="all")
-    parser.add_argument("--out", type=Path, help="JSON path (default bench/results/<device>/dwconv.json)")
+    parser = arg_parser(__doc__, "dwconv", "fewer repetitions", ["all", *DTYPES])
     parser.add_argument("--providers", help="comma-separated subset of reference,reference+compile,fused")
     args = parser.parse_args()
     head, records = run(args)

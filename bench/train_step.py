@@ -11,7 +11,6 @@ performance path, so they fall back to the reference), and it says so.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 import time
@@ -92,10 +91,7 @@ def cases(cuda: bool, quick: bool) -> tuple[dict, list[tuple[str, int, int, str]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps; GPU: the single-GPU batch only")
-    parser.add_argument("--out", help="JSON path (default bench/results/<gpu>/train_step.json)")
-    args = parser.parse_args(argv)
+    args = _harness.arg_parser(__doc__, "train_step", "fewer steps; GPU: the single-GPU batch only").parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     net_kwargs, todo = cases(cuda, args.quick)
