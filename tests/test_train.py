@@ -16,6 +16,7 @@ from rgt.train.dataset import InfiniteSampler, SRDataset, collate, context_windo
 from rgt.train.distributed import setup
 from rgt.train.ema import EMA
 from rgt.train.loop import Trainer
+from rgt.train.validate import validate
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(rgt.__file__).parent / "assets"
@@ -157,6 +158,20 @@ def test_training_with_device_degradation_matches_workers(tmp_path):
     with pytest.raises(OptionError, match="degrade_on: device applies to HROnlyDataset"):
         degrade_on_device(tiny_opt(tmp_path, "datasets.train.type=PairedImageDataset",
                                    "datasets.train.degrade_on=device"), torch.device("cpu"))
+
+
+def test_validation_of_hr_only_sets_degraded_on_the_device():
+    """HR-only validation images handed over without LR (as on CUDA) score exactly as those the dataset
+    degrades."""
+    opt = load_options(None)
+    torch.manual_seed(0)
+    net = rgt.RGT(**opt["network_g"], kernels="reference")
+    scores = []
+    for on_device in (False, True):
+        ds = SRDataset(ASSETS / "images" / "val", None, 2, degrade_on_device=on_device)
+        assert ("lq" in ds[0]) != on_device
+        scores.append(validate(net, {"val": ds}, opt["val"]["metrics"], 2, torch.device("cpu")))
+    assert scores[0] == scores[1] and set(scores[0]["val"]) == {"psnr", "psnr_bicubic", "ssim", "ssim_bicubic"}
 
 
 @pytest.mark.gpu

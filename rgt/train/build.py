@@ -131,10 +131,10 @@ def train_loader(opt: dict, d: Dist, start: int) -> Iterator[dict]:
     return iter(loader)
 
 
-def val_sets(opt: dict) -> dict[str, SRDataset]:
-    """The val*/test* datasets by name, whole images."""
+def val_sets(opt: dict, device: torch.device) -> dict[str, SRDataset]:
+    """The val*/test* datasets by name, whole images; HR-only ones are degraded on the device when it is CUDA."""
     sets = {}
     for key, cfg in opt["datasets"].items():
         if key != "train":
-            sets[cfg["name"] or key] = _dataset(cfg, opt["scale"], None)
+            sets[cfg["name"] or key] = _dataset(cfg, opt["scale"], None, device.type == "cuda")
     return sets

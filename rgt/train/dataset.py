@@ -61,8 +61,9 @@ def _read_rgb(path: Path) -> Tensor:
     return img.expand(3, -1, -1).contiguous() if img.shape[0] == 1 else img
 
 
-def _degrade(hr: Tensor, scale: int) -> Tensor:
-    """MATLAB bicubic of a float [0, 1] image holding 8-bit values, through uint8 (exact) -> float [0, 1]."""
+def degrade(hr: Tensor, scale: int) -> Tensor:
+    """MATLAB bicubic of float [0, 1] images (..., H, W) holding 8-bit values, through uint8 (exact) -> float
+    [0, 1], on hr's device."""
     hr8 = torch.round(hr * 255).to(torch.uint8)
     return bicubic_degrade(hr8, scale).float() / 255
 
@@ -92,14 +93,15 @@ class SRDataset(Dataset):
     Items are dicts: `lq` (3, h, w) and `gt` (3, s*h, s*w), float32 in [0, 1], and `name`. With
     `degrade_on_device`, HR-only training items instead carry the undegraded HR context window, which
     `patches_from_windows` turns into the very same `lq`/`gt` on the training device: `hr` (3, s*wh, s*ww),
-    `offset` (2,) the LR patch's top-left inside the window, `flips` (3,) the dihedral transform.
+    `offset` (2,) the LR patch's top-left inside the window, `flips` (3,) the dihedral transform; HR-only whole
+    images come without `lq`, which `degrade` makes where the image is.
 
     Args:
         hr_dir, lr_dir: folders; lr_dir None = HR only, LR made on the fly (MATLAB-exact bicubic, from 8 bits).
         scale: SR factor. filename_tmpl: LR name from the HR stem, e.g. "{}x4".
         gt_size: HR patch side (training); the LR patch is gt_size // scale. None: whole images (validation).
         hflip, rot: augmentations (rot = vertical flip and transpose, so all 8 dihedral transforms).
-        degrade_on_device: HR-only training: leave the bicubic degradation to the training loop.
+        degrade_on_device: HR only: leave the bicubic degradation to the training loop or the validation.
     """
 
     def __init__(self, hr_dir: str, lr_dir: str | None, scale: int, *, filename_tmpl: str = "{}",
@@ -109,7 +111,7 @@ class SRDataset(Dataset):
             raise DataError(f"gt_size {gt_size} must be a positive multiple of the scale {scale}")
         self.pairs = _pairs(hr_dir, lr_dir, filename_tmpl)
         self.scale, self.gt_size, self.hflip, self.rot = scale, gt_size, hflip, rot
-        self.degrade_on_device = degrade_on_device and lr_dir is None and gt_size is not None
+        self.degrade_on_device = degrade_on_device and lr_dir is None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -141,7 +143,7 @@ class SRDataset(Dataset):
             if h == 0 or w == 0:
                 raise DataError(f"{hr_path} ({hr.shape[-2]}x{hr.shape[-1]}) is smaller than the scale {s}")
             hr = hr[:, :h, :w]
-            return {"lq": _degrade(hr, s), "gt": hr, "name": hr_path.stem}
+            return {"gt": hr, "name": hr_path.stem} | ({} if self.degrade_on_device else {"lq": degrade(hr, s)})
         lr = _read_rgb(lr_path)
         return {"lq": lr, "gt": _check_pair(hr, lr, s, hr_path, lr_path), "name": hr_path.stem}
 
@@ -198,7 +200,7 @@ def patches_from_windows(batch: dict, scale: int, patch: int,
     s, p = scale, patch
     hr = batch["hr"]
     windows = [hr.to(device, non_blocking=True)] if isinstance(hr, Tensor) else [x[None].to(device) for x in hr]
-    lrs = [lr for w in windows for lr in _degrade(w, s)]
+    lrs = [lr for w in windows for lr in degrade(w, s)]
     hrs = [x for w in windows for x in w]
     lqs, gts = [], []
     for lr, x, (t, l), flips in zip(lrs, hrs, batch["offset"].tolist(), batch["flips"].tolist(), strict=True):

@@ -77,7 +77,7 @@ class Trainer:
         if self.rng is not None:
             state.set_rng_state(self.rng)
         self.wrapped = self._wrap()
-        self.val_sets = build.val_sets(opt) if d.is_main else {}
+        self.val_sets = build.val_sets(opt, d.device) if d.is_main else {}
         self.tb = _tensorboard(opt, self.root) if d.is_main else None
 
     def _wrap(self) -> nn.Module:

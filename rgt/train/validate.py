@@ -10,7 +10,7 @@ from torch import nn
 
 from rgt.data import imresize
 from rgt.metrics import psnr_torch, ssim_torch
-from rgt.train.dataset import SRDataset
+from rgt.train.dataset import SRDataset, degrade
 
 _FUNCS = {"calculate_psnr": psnr_torch, "calculate_ssim": ssim_torch}
 
@@ -26,7 +26,8 @@ def validate(net: nn.Module, sets: dict[str, SRDataset], metrics: dict[str, dict
         sums: dict[str, float] = defaultdict(float)
         for i in range(len(ds)):
             item = ds[i]
-            lq, gt = item["lq"][None].to(device), item["gt"][None].to(device)
+            gt = item["gt"][None].to(device)
+            lq = item["lq"][None].to(device) if "lq" in item else degrade(gt, scale)  # HR only, on the device
             sr = net(lq).float().clamp(0, 1)
             bicubic = imresize(lq.double(), scale).float().clamp(0, 1)
             for name, m in metrics.items():
