@@ -61,10 +61,10 @@ class Trainer:
         self.net = build.model(opt, d.device)
         for line in build.kernel_report(self.net, d.device):
             log.info("kernels=%s: %s", self.net.kernels, line)
-        self.degrade_on_device = build.degrade_on_device(opt, d.device)
+        on_device = build.degrade_on_device(opt, d.device)  # also rejects degrade_on: device for paired data
         if opt["datasets"]["train"]["type"] == "HROnlyDataset":
-            log.info("HR-only data: MATLAB-exact bicubic LR made %s", f"on {d.device} in the training loop"
-                     if self.degrade_on_device else "in the data workers (CPU)")
+            log.info("HR-only data: MATLAB-exact bicubic LR made %s",
+                     f"on {d.device} in the training loop" if on_device else "in the data workers (CPU)")
         self.optim = build.optimizer(opt, self.net.parameters())
         self.sched = build.scheduler(opt, self.optim)
         self.criterion = build.loss(opt)
