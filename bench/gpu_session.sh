@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything only a GPU can show, in one go: build the CUDA extension, run the gpu-marked tests, run the
+# Everything only a GPU can show, in one go: build the CUDA extension, run the gpu-marked tests, run the four
 # benchmarks, and leave logs and JSON results in $OUT (default bench/results/gpu_session). Meant for a lent
 # GPU machine with torch and triton preinstalled (nothing downloaded), run from the repository root:
 #
@@ -21,7 +21,7 @@ if [[ $part == tests || $part == all ]]; then
     python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -25 || status=1
 fi
 if [[ $part == bench || $part == all ]]; then
-    for script in attention dwconv train_step; do
+    for script in attention dwconv train_step data; do
         python3 "bench/$script.py" --out "$out/$script.json" 2>&1 | tee "$out/$script.log" | tail -30 || status=1
     done
 fi

@@ -56,3 +56,9 @@ def test_train_step_bench(tmp_path):
     result = run_bench("train_step", tmp_path)
     assert {r["kernels"] for r in result["records"]} == {"reference", "auto"}
     assert all(r["it_per_s"] > 0 and r["batch"] == 2 for r in result["records"])
+
+
+def test_data_bench(tmp_path):
+    result = run_bench("data", tmp_path)
+    assert [r["degrade_on"] for r in result["records"]] == ["worker", "device"]  # the quickstart is HR only
+    assert all(r["samples_per_s"] > 0 and r["workers"] == 0 for r in result["records"])

@@ -45,6 +45,15 @@ class TrainResult:
     ema: nn.Module | None = None
 
 
+def batch_to_device(batch: dict, opt: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training loader's batch as (lq, gt) on the device; HR-only windows (degrade_on device) are degraded
+    there."""
+    if "hr" in batch:
+        scale = opt["scale"]
+        return patches_from_windows(batch, scale, int(opt["datasets"]["train"]["gt_size"]) // scale, device)
+    return batch["lq"].to(device, non_blocking=True), batch["gt"].to(device, non_blocking=True)
+
+
 def experiment_root(opt: dict) -> Path:
     return Path(opt["path"]["experiments_root"] or Path("experiments") / opt["name"])
 
@@ -123,7 +132,7 @@ class Trainer:
         self.optim.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.d.device)
         for k in range(n):
-            lq, gt = self._inputs(next(batches))
+            lq, gt = batch_to_device(next(batches), self.opt, self.d.device)
             # gradients are all-reduced on the last micro-batch only
             sync = k == n - 1 or self.ddp is None
             with (contextlib.nullcontext() if sync else self.ddp.no_sync()), self._autocast():
@@ -131,14 +140,6 @@ class Trainer:
             loss.backward()
             total += loss.detach()
         return total
-
-    def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lq, gt) on the device; HR-only windows are degraded there when degrade_on_device."""
-        if "hr" in batch:
-            cfg = self.opt["datasets"]["train"]
-            return patches_from_windows(batch, self.opt["scale"], int(cfg["gt_size"]) // self.opt["scale"],
-                                        self.d.device)
-        return batch["lq"].to(self.d.device, non_blocking=True), batch["gt"].to(self.d.device, non_blocking=True)
 
     def _finish_step(self, loss: torch.Tensor) -> float:
         """Check the loss on every rank, clip, step; returns the loss averaged over ranks."""
