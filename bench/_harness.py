@@ -155,6 +155,17 @@ def arg_parser(doc: str, script: str, quick_help: str, dtypes: list[str] | None 
     return parser
 
 
+def attention_line(r: dict, shape_width: int) -> str:
+    """One printed row of an attention record: shape, mode, provider, timing (GB/s when the record has it),
+    largest relative error, status."""
+    err = max(r.get("max_rel_err", {}).values(), default=float("nan"))
+    timing = ""
+    if "ms_p50" in r:
+        gbps = f" {r['gbps']:7.0f} GB/s" if "gbps" in r else ""
+        timing = f"{r['ms_p50']:9.3f} ms {r['tflops']:7.1f} TFLOP/s{gbps} {r['peak_mem_gb']:6.2f} GB"
+    return f"{r['shape']:>{shape_width}} {r['mode']:>8} {r['provider']:>18} {timing:<52} err {err:.1e}  {r['status']}"
+
+
 def result_path(script: str, out: str | os.PathLike | None) -> Path:
     """--out if given, else bench/results/<device>/<script>.json with the device name made file-safe."""
     if out:

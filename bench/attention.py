@@ -164,7 +164,7 @@ def gpu_pass(dtype: torch.dtype, quick: bool) -> list[dict]:
         for mode in MODES:
             for name, fn in provs.items():
                 records.append(bench_one(name, fn, mode, shape, dtype, inputs, expected, ceil))
-                print(_line(records[-1]), flush=True)
+                print(_harness.attention_line(records[-1], 16), flush=True)
         del inputs, expected
         torch.cuda.empty_cache()
     return records
@@ -182,7 +182,7 @@ def cpu_pass() -> list[dict]:
                         "dims": dict(zip(("B", "heads", "N", "N_kv", "dqk", "dv"), shape, strict=True)),
                         "dtype": "float32", "max_rel_err": err,
                         "status": "ok (correctness only)" if ok else "mismatch (tolerance 1e-5)"})
-        print(_line(records[-1]), flush=True)
+        print(_harness.attention_line(records[-1], 16), flush=True)
     return records
 
 
@@ -208,13 +208,6 @@ def summarize(records: list[dict]) -> list[dict]:
                          "best_baseline": best["provider"], "best_baseline_ms": best["ms_p50"],
                          "speedup": best["ms_p50"] / fused[0]["ms_p50"]})
     return rows
-
-
-def _line(r: dict) -> str:
-    err = max(r.get("max_rel_err", {}).values(), default=float("nan"))
-    timing = (f"{r['ms_p50']:9.3f} ms {r['tflops']:7.1f} TFLOP/s {r['peak_mem_gb']:7.2f} GB"
-              if "ms_p50" in r else " " * 41)
-    return f"{r['shape']:>16} {r['mode']:>8} {r['provider']:>18} {timing} err {err:.1e}  {r['status']}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -233,7 +233,7 @@ def gpu_pass(dtype: torch.dtype, quick: bool) -> list[dict]:
         for mode in MODES:
             for name, fn in provs.items():
                 records.append(bench_one(name, fn, mode, shape_name, shape, dtype, inputs, want, ceil))
-                print(_line(records[-1]), flush=True)
+                print(_harness.attention_line(records[-1], 22), flush=True)
         del inputs, want
         torch.cuda.empty_cache()
     return records
@@ -255,7 +255,7 @@ def cpu_pass() -> list[dict]:
             ok = max(rec["max_rel_err"].values()) <= 1e-5
             rec["status"] = "ok (correctness only)" if ok else "mismatch (tolerance 1e-5)"
             records.append(rec)
-            print(_line(rec), flush=True)
+            print(_harness.attention_line(rec, 22), flush=True)
     return records
 
 
@@ -270,15 +270,6 @@ def run(quick: bool = False, dtype: torch.dtype = torch.bfloat16, device: str | 
     if correctness_only is None:
         correctness_only = device != "cuda"
     return cpu_pass() if correctness_only else gpu_pass(dtype, quick)
-
-
-def _line(r: dict) -> str:
-    err = max(r.get("max_rel_err", {}).values(), default=float("nan"))
-    timing = " " * 52
-    if "ms_p50" in r:
-        timing = (f"{r['ms_p50']:9.3f} ms {r['tflops']:7.1f} TFLOP/s {r['gbps']:7.0f} GB/s "
-                  f"{r['peak_mem_gb']:6.2f} GB")
-    return f"{r['shape']:>22} {r['mode']:>8} {r['provider']:>18} {timing} err {err:.1e}  {r['status']}"
 
 
 def main(argv: list[str] | None = None) -> None:
