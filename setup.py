@@ -4,15 +4,28 @@ Always builds the CPU kernels (`csrc/*.cpp`, `csrc/cpu/*.cpp`); adds the CUDA ke
 installed torch was built with CUDA and a CUDA toolkit is found. It never probes for a GPU, so a GPU-less build host
 still produces CUDA kernels for the architectures in TORCH_CUDA_ARCH_LIST (default "9.0" there).
 
+The C++ standard and the ABI flags are the ones the installed torch asks for (torch 2.13+ compiles extensions as
+C++20, its headers need it): nothing here pins a language standard.
+
 Environment: RGT_NO_CUDA=1 forces a CPU-only build; DEBUG=1 builds with -O0 -g.
 """
 
 import glob
 import os
+import sys
 
-import torch
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+TORCH_MIN = (2, 11)  # also in pyproject.toml and README.md
+INSTALL_HINT = 'pip install "torch>=2.11" and then pip install --no-build-isolation -e .'
+try:
+    import torch
+except ModuleNotFoundError:
+    sys.exit(f"rgt: PyTorch is needed to build rgt (its C++ extension compiles against your torch): {INSTALL_HINT}")
+if tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < TORCH_MIN:
+    sys.exit(f"rgt: torch {torch.__version__} is older than the supported 2.11: {INSTALL_HINT}")
+
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -27,14 +40,14 @@ def _extension():
     with_cuda = want_cuda and torch.version.cuda is not None and CUDA_HOME is not None
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # ATen's parallel_for is an inline OpenMP region in the torch headers: without -fopenmp it runs serially.
-    cxx = [*opt, "-std=c++17", "-fopenmp"]
+    cxx = [*opt, "-fopenmp"]
     sources = _sources("*.cpp") + _sources("cpu/*.cpp")
     kwargs = {"include_dirs": [os.path.join(ROOT, "csrc")], "extra_link_args": ["-fopenmp"]}
     if with_cuda and _sources("cuda/*.cu"):
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
         sources += _sources("cuda/*.cu")
-        nvcc = [*opt, "-std=c++17", "--use_fast_math", "-lineinfo"]
+        nvcc = [*opt, "--use_fast_math", "-lineinfo"]
         ext = CUDAExtension(
             "rgt._C", sources, define_macros=[("WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs,
