@@ -12,19 +12,34 @@ Environment: RGT_NO_CUDA=1 forces a CPU-only build; DEBUG=1 builds with -O0 -g.
 
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import setup
 
-TORCH_MIN = (2, 11)  # also in pyproject.toml and README.md
-INSTALL_HINT = 'pip install "torch>=2.11" and then pip install --no-build-isolation -e .'
+SUPPORTED = ((2, 11), (2, 14))  # torch releases, also in pyproject.toml and README.md
+INSTALL_HINT = 'pip install "torch>=2.11,<2.15", then pip install --no-build-isolation -e .'
 try:
     import torch
 except ModuleNotFoundError:
     sys.exit(f"rgt: PyTorch is needed to build rgt (its C++ extension compiles against your torch): {INSTALL_HINT}")
-if tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < TORCH_MIN:
-    sys.exit(f"rgt: torch {torch.__version__} is older than the supported 2.11: {INSTALL_HINT}")
+if not SUPPORTED[0] <= tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) <= SUPPORTED[1]:
+    sys.exit(f"rgt: torch {torch.__version__} is outside the supported 2.11 to 2.14: {INSTALL_HINT}")
 
+
+def _cuda_toolkit() -> str | None:
+    """The CUDA toolkit root: $CUDA_HOME / $CUDA_PATH, /usr/local/cuda, or above the nvcc on PATH, the first that
+    has include/cuda_runtime.h. torch guesses from the nvcc on PATH alone, which is wrong when that nvcc is a
+    wrapper script (/usr/local/bin/nvcc gives /usr/local, where the link then finds no libcudart)."""
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
+                  nvcc and os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
+    return next((c for c in candidates if c and os.path.isfile(os.path.join(c, "include", "cuda_runtime.h"))), None)
+
+
+# torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+if (_toolkit := _cuda_toolkit()) is not None:
+    os.environ["CUDA_HOME"] = _toolkit
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
