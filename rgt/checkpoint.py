@@ -8,6 +8,7 @@ official RGT-S x4 they are two thirds of the 136 MB file.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import tempfile
@@ -109,17 +110,48 @@ def save_checkpoint(model: nn.Module | Mapping, path: str | os.PathLike, *, slim
     return atomic_write(path, write)
 
 
+TEMP_SUFFIX = ".tmp"  # atomic_write's temporary files are `.<name>.<random>.tmp`: rgt.train removes leftovers
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call write(tmp) on a temporary file beside `path`, then rename it over `path`: a run killed mid-write
-    leaves the previous file intact, never a truncated one."""
+    """Call write(tmp) on a temporary file beside `path`, flush it to disk, then rename it over `path`: a run
+    killed mid-write leaves the previous file intact, never a truncated one, and the temporary file is removed
+    on any error. A full disk raises OSError(ENOSPC) naming `path`: torch.save reports it only as "unexpected
+    pos", so a failed write on a file system with no space left counts as one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        _fsync(tmp)  # the data must be on disk before the rename makes it the file (power loss)
         os.replace(tmp, path)
+        _fsync(path.parent)
+    except Exception as exc:
+        if _out_of_space(exc, path.parent):
+            raise OSError(errno.ENOSPC, f"no space left on device: could not write {path}") from exc
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _fsync(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _out_of_space(exc: Exception, folder: Path) -> bool:
+    """Whether a failed write ran out of space: ENOSPC/EDQUOT, or less than 1 MiB left in `folder`'s file system
+    (checked while the partial temporary file still takes its room)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1 << 20
