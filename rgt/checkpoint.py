@@ -122,18 +122,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
+    full = False
     try:
         write(tmp)
         _fsync(tmp)  # the data must be on disk before the rename makes it the file (power loss)
         os.replace(tmp, path)
         _fsync(path.parent)
     except Exception as exc:
-        if _out_of_space(exc, path.parent):
-            raise OSError(errno.ENOSPC, f"no space left on device: could not write {path}") from exc
-        raise
+        if not _out_of_space(exc, path.parent):
+            raise
+        full = True
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    if full:  # raised here, without the original: its traceback holds torch's writer, whose open file keeps the
+        # deleted temporary file's space in use
+        raise OSError(errno.ENOSPC, f"no space left on device: could not write {path}")
     return path
 
 

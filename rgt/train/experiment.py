@@ -95,7 +95,7 @@ class ExperimentLock:
         os.replace(self.root, target)
         (target / LOCK_NAME).unlink()
         fresh = ExperimentLock.acquire(self.root)
-        self.release()
+        os.close(self.fd)  # the archived folder's lock
         self.fd = fresh.fd
         return target
 

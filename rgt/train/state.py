@@ -18,6 +18,7 @@ import os
 import pickle
 import random
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,7 +111,9 @@ def _read(path: Path, what: str) -> dict:
     if not path.is_file():
         raise StateError(f"{what} not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4" for foreign pickles: the error says it
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except _LOAD_ERRORS as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
         raise StateError(f"{path}: cannot read this {what}, truncated or corrupt ({reason})") from None
