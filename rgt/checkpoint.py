@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -116,12 +115,14 @@ TEMP_SUFFIX = ".tmp"  # atomic_write's temporary files are `.<name>.<random>.tmp
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call write(tmp) on a temporary file beside `path`, flush it to disk, then rename it over `path`: a run
     killed mid-write leaves the previous file intact, never a truncated one, and the temporary file is removed
-    on any error. A full disk raises OSError(ENOSPC) naming `path`: torch.save reports it only as "unexpected
-    pos", so a failed write on a file system with no space left counts as one."""
+    on any error. The file gets the umask's permissions. A full disk raises OSError(ENOSPC) naming `path`:
+    torch.save reports it only as "unexpected pos", so a failed write on a file system with no space left counts
+    as one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    os.close(fd)
+    # Created like any file (mode 0o666 less the umask; mkstemp's would be 0o600), exclusively, with a random name.
+    tmp = str(path.parent / f".{path.name}.{os.urandom(6).hex()}{TEMP_SUFFIX}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     full = False
     try:
         write(tmp)

@@ -61,28 +61,26 @@ def _kill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def kill_when(owner, attr: str, hit) -> None:
+    """Patch owner.attr to SIGKILL the process when hit(*args) holds, before the call."""
+    real = getattr(owner, attr)
+
+    def patched(*args, **kwargs):
+        if hit(*args):
+            _kill_self()
+        return real(*args, **kwargs)
+
+    setattr(owner, attr, patched)
+
+
 def kill_at_rename(name: str) -> None:
     """SIGKILL when a complete temporary file is about to be renamed onto `name`."""
-    real = os.replace
-
-    def replace(src, dst):
-        if Path(dst).name == name:
-            _kill_self()
-        return real(src, dst)
-
-    os.replace = replace
+    kill_when(os, "replace", lambda src, dst: Path(dst).name == name)
 
 
 def kill_before_state(it: int) -> None:
     """SIGKILL after models/net_g_<it>.pth is in place, before training_states/<it>.state is written."""
-    real = state_mod.atomic_save
-
-    def atomic_save(obj, path):
-        if Path(path).name == f"{it}.state":
-            _kill_self()
-        return real(obj, path)
-
-    state_mod.atomic_save = atomic_save
+    kill_when(state_mod, "atomic_save", lambda obj, path: Path(path).name == f"{it}.state")
 
 
 def kill_in_iteration(it: int) -> None:
@@ -266,7 +264,9 @@ def tmpfs(tmp_path, reference):
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
     yield mnt
-    subprocess.run(["umount", str(mnt)], check=True)  # fails (busy) if a file there is still open
+    if subprocess.run(["umount", str(mnt)]).returncode != 0:  # busy: a file there is still open
+        subprocess.run(["umount", "-l", str(mnt)])  # detach it anyway, then fail
+        pytest.fail("a file on the full file system was left open (its space is not freed)")
 
 
 def test_full_disk_on_a_real_file_system(tmpfs, capsys):
@@ -415,6 +415,19 @@ def test_nonfinite_weights_are_never_saved(tmp_path):
     root = tmp_path / "exp"
     assert sorted(p.name for p in (root / "training_states").iterdir()) == ["1.state"]
     assert not (root / "models" / "net_g_2.pth").exists()
+
+
+def test_written_files_get_the_umask_permissions(tmp_path):
+    """Checkpoints were -rw------- (mkstemp's mode) whatever the umask."""
+    old = os.umask(0o022)
+    try:
+        rgt.checkpoint.atomic_write(tmp_path / "a.pth", lambda tmp: torch.save({}, tmp))
+        os.umask(0o002)
+        rgt.checkpoint.atomic_write(tmp_path / "b.pth", lambda tmp: torch.save({}, tmp))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.pth").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.pth").stat().st_mode & 0o777 == 0o664
 
 
 def test_leftovers_removed_only_if_ours(tmp_path):
