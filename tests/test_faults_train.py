@@ -97,6 +97,7 @@ def kill_in_iteration(it: int) -> None:
 
 
 def _child(argv: list[str], hook, log: str) -> None:
+    torch.set_num_threads(1)  # no OpenMP team inherited half-alive from the parent (the runs use one thread)
     sys.stderr = open(log, "w", buffering=1)  # noqa: SIM115 (the child ends with the process)
     os.dup2(sys.stderr.fileno(), 2)
     if hook is not None:
@@ -381,6 +382,22 @@ def test_unusable_training_image_found_before_the_first_iteration(tmp_path, caps
     last = err.strip().splitlines()[-1]
     assert exc.value.code == 1 and last.startswith("rgt.train: error: datasets.train: ") and str(bad) in last
     assert "Traceback" not in err and "it/s" not in err and not root.exists()  # before the first iteration
+
+
+def test_damage_inside_a_complete_image_named_in_one_line_from_a_worker(tmp_path, capsys):
+    """The cheap check passes a PNG damaged in the middle (its end intact); decoding it in a data worker fails, and
+    the error is still one line naming the file, not the worker's traceback."""
+    folder = tmp_path / "hr"
+    _copy_train_images(folder)
+    data = bytearray((folder / "rocket.png").read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    (folder / "rocket.png").write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as exc:
+        main(["--cpu", *cli_args(tmp_path / "exp", 4, "--set", f"datasets.train.dataroot_gt={folder}", "--set",
+                                 "datasets.train.num_worker_per_gpu=1", "--set", "datasets.train.use_shuffle=false")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith(f"rgt.train: error: cannot read image {folder / 'rocket.png'}: ")
 
 
 def test_image_check_accepts_a_jpeg_with_trailing_bytes(tmp_path):

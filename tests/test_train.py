@@ -396,6 +396,11 @@ def test_finetune_from_x2_reports_skipped_keys(tmp_path, caplog, scale, skipped,
     for k in skipped:
         assert f"skipping {k}" in text
     assert f"{len(missing)} missing keys {missing}" in text
-    with pytest.raises(RuntimeError, match="size mismatch|Missing key"):
+    first = sorted(missing)[0]  # the message names the first differing key
+    with pytest.raises(OptionError, match=rf"pretrain_network_g: {x2} does not fit network_g \(2 tensors differ, "
+                       rf"e\.g\. {first} .*path.strict_load_g: false"):
         Trainer(load_options(None, [*TINY_RUN, f"scale={scale}", f"network_g.upscale={scale}",
                                     f"path.pretrain_network_g={x2}"]), setup(0))
+    x2.write_bytes(x2.read_bytes()[:1000])
+    with pytest.raises(OptionError, match=f"pretrain_network_g: {x2}: cannot read this model file"):
+        Trainer(opt, setup(0))

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from rgt.arch import RGT
 from rgt.checkpoint import load_checkpoint, read_state_dict
+from rgt.train import state
 from rgt.train.config import OptionError
 from rgt.train.datacheck import check_dataset
 from rgt.train.dataset import InfiniteSampler, SRDataset, collate
@@ -26,10 +27,16 @@ def model(opt: dict, device: torch.device) -> RGT:
     path = opt["path"]
     if path["pretrain_network_g"]:
         source = Path(path["pretrain_network_g"])
-        raw = torch.load(source, map_location="cpu", weights_only=True) if source.suffix != ".safetensors" else None
         key = path["param_key_g"]
-        sd = read_state_dict(raw[key] if isinstance(raw, dict) and isinstance(raw.get(key), dict) else source)
+        try:
+            raw = state.read_file(source, "model file") if source.suffix != ".safetensors" else None
+            sd = read_state_dict(raw[key] if isinstance(raw, dict) and isinstance(raw.get(key), dict) else source)
+        except ValueError as exc:  # StateError, or read_state_dict's errors: unreadable, not a state dict
+            raise OptionError(f"path.pretrain_network_g: {exc}") from None
         strict = bool(path["strict_load_g"])
+        if strict and (differ := state.mismatch(net, sd)) is not None:
+            raise OptionError(f"path.pretrain_network_g: {source} does not fit network_g ({differ}); set "
+                              "path.strict_load_g: false to load only the tensors that fit (fine-tuning)")
         log.info("loading %s (param_key_g %s, strict_load_g %s)", source, key, strict)
         load_checkpoint(net, sd, strict=strict)
     return net.to(device)

@@ -161,6 +161,15 @@ def run(args: argparse.Namespace) -> None:
         dist_util.cleanup(d)
 
 
+def _one_line(exc: Exception) -> str:
+    """The message of `exc`. An error re-raised from a data worker carries the worker's traceback, its own
+    message last ('rgt.train.dataset.DataError: cannot read image ...'): that last line's message."""
+    lines = str(exc).strip().splitlines()
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "worker" in lines[0]:
+        return lines[-1].split(": ", 1)[-1]
+    return str(exc)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
@@ -169,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"rgt.train: {exc}", file=sys.stderr)
         raise SystemExit(130) from None
     except (OptionError, DataError, StateError, TrainingDiverged, ExperimentBusy, FileNotFoundError) as exc:
-        print(f"rgt.train: error: {exc}", file=sys.stderr)
+        print(f"rgt.train: error: {_one_line(exc)}", file=sys.stderr)
         raise SystemExit(2 if isinstance(exc, OptionError) else 1) from None
     except OSError as exc:
         if exc.errno != errno.ENOSPC:

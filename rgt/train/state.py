@@ -107,7 +107,8 @@ def saved_states(root: Path) -> list[Path]:
     return [state_path(root, it) for it in its]
 
 
-def _read(path: Path, what: str) -> dict:
+def read_file(path: Path, what: str) -> dict:
+    """torch.load(weights_only=True) of a dict; StateError naming `path` (and `what` it is) when that fails."""
     if not path.is_file():
         raise StateError(f"{what} not found: {path}")
     try:
@@ -125,7 +126,7 @@ def _read(path: Path, what: str) -> dict:
 def load_state(path: str | os.PathLike) -> Checkpoint:
     """Load and check a training state and its model file; StateError names the file at fault."""
     path = Path(path)
-    training = _read(path, "training state")
+    training = read_file(path, "training state")
     if "iter" not in training or "optimizers" not in training:
         if "params" in training or "params_ema" in training or all(isinstance(v, torch.Tensor)
                                                                   for v in training.values()):
@@ -134,7 +135,7 @@ def load_state(path: str | os.PathLike) -> Checkpoint:
                              "weights, set path.pretrain_network_g")
         raise StateError(f"{path} is not a training state of rgt.train (keys: {', '.join(map(str, training))})")
     model_file = model_path(path.parent.parent, training["iter"])
-    weights = _read(model_file, "model file")
+    weights = read_file(model_file, "model file")
     if not isinstance(weights.get("params"), dict):
         raise StateError(f"{model_file}: no 'params' entry, not a model file written by rgt.train")
     for key in ("params", "params_ema"):
@@ -163,17 +164,23 @@ def latest_state(root: Path) -> Checkpoint | None:
     return None
 
 
-def check_same_network(model: torch.nn.Module, params: dict[str, torch.Tensor], model_file: Path) -> None:
-    """StateError in one line when `params` (learned tensors) do not fit `model`: another network_g."""
+def mismatch(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> str | None:
+    """How `params` (learned tensors; derived buffers are rebuilt) fail to fit `model`, in a few words, or None:
+    '12 tensors differ, e.g. conv_first.weight (36, 3, 3, 3) there, (48, 3, 3, 3) here'."""
     own = {k: v for k, v in model.state_dict().items() if not is_derived(k)}
     theirs = {k: v for k, v in params.items() if not is_derived(k)}
     differ = sorted(k for k in own.keys() | theirs.keys()
                     if k not in own or k not in theirs or own[k].shape != theirs[k].shape)
     if not differ:
-        return
+        return None
     k = differ[0]
     there, here = (tuple(sd[k].shape) if k in sd else "absent" for sd in (theirs, own))
-    raise StateError(f"{model_file} was trained with other network_g options: {len(differ)} tensors differ, e.g. "
-                     f"{k} {there} there, {here} here. Resume with that run's options "
-                     f"({model_file.parent.parent / 'options.yml'}), or start from its weights with "
-                     "path.pretrain_network_g and strict_load_g: false")
+    return f"{len(differ)} tensors differ, e.g. {k} {there} there, {here} here"
+
+
+def check_same_network(model: torch.nn.Module, params: dict[str, torch.Tensor], model_file: Path) -> None:
+    """StateError in one line when `params` do not fit `model`: a run with other network_g options."""
+    if (differ := mismatch(model, params)) is not None:
+        raise StateError(f"{model_file} was trained with other network_g options: {differ}. Resume with that "
+                         f"run's options ({model_file.parent.parent / 'options.yml'}), or start from its weights "
+                         "with path.pretrain_network_g and strict_load_g: false")
