@@ -8,6 +8,7 @@ official RGT-S x4 they are two thirds of the 136 MB file.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -128,7 +129,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         write(tmp)
         _fsync(tmp)  # the data must be on disk before the rename makes it the file (power loss)
         os.replace(tmp, path)
-        _fsync(path.parent)
+        with contextlib.suppress(OSError):  # the rename's durability: some file systems cannot fsync a folder
+            _fsync(path.parent)
     except Exception as exc:
         if not _out_of_space(exc, path.parent):
             raise

@@ -450,8 +450,11 @@ def test_written_files_get_the_umask_permissions(tmp_path):
 def test_leftovers_removed_only_if_ours(tmp_path):
     root = tmp_path / "exp"
     (root / "models").mkdir(parents=True)
-    ours = [root / "models" / ".net_g_4.pth.k2_9x1ab.tmp", root / ".options.yml.abc123de.tmp"]
-    theirs = [root / "models" / "notes.tmp", root / ".hidden", root / "models" / "net_g_4.pth"]
+    (root / "training_states").mkdir()
+    ours = [root / "models" / ".net_g_4.pth.0f3a9b1c2d4e.tmp", root / ".options.yml.abc123de0000.tmp",
+            root / "training_states" / ".4.state.k2_9x1ab"]  # the last: mkstemp's name, earlier versions
+    theirs = [root / "models" / "notes.tmp", root / ".hidden", root / "models" / "net_g_4.pth",
+              root / "models" / ".draft.tmp"]
     for p in ours + theirs:
         p.write_bytes(b"x")
     assert sorted(remove_leftovers(root)) == sorted(ours)

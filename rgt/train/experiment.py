@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -31,7 +32,8 @@ from rgt.checkpoint import TEMP_SUFFIX
 log = logging.getLogger("rgt.train")
 
 LOCK_NAME = "train.lock"
-_TEMP = re.compile(rf"\..+\.[A-Za-z0-9_]+{re.escape(TEMP_SUFFIX)}")  # atomic_write's names
+# atomic_write's temporary names, and (second form) those of earlier versions, mkstemp's `.<name>.<8 chars>`
+_TEMP = re.compile(rf"\..+\.(?:[0-9a-f]+{re.escape(TEMP_SUFFIX)}|(?:pth|state|yml)\.[a-z0-9_]{{8}})")
 _WRITTEN_FOLDERS = (".", "models", "training_states")  # where the trainer writes through atomic_write
 
 
@@ -55,7 +57,11 @@ class ExperimentLock:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EAGAIN):  # e.g. ENOLCK: a file system without locks
+                    log.warning("cannot lock %s (%s): nothing stops a second run from using this folder", path,
+                                exc.strerror)
+                    return cls(root, fd)
                 holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
                 raise ExperimentBusy(f"experiment folder {root} is in use by another rgt.train run (pid {holder}); "
