@@ -358,6 +358,18 @@ def test_pickle_payload_in_a_state_is_not_executed(tmp_path, capsys):
     assert not marker.exists()
 
 
+def test_yaml_payload_in_an_option_file_is_not_executed(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    opt = tmp_path / "evil.yml"
+    opt.write_text(f"name: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["-opt", str(opt)])
+    assert exc.value.code == 2 and capsys.readouterr().err == (
+        f"rgt.train: error: {opt}: not valid YAML (line 1, column 7): could not determine a constructor for the tag "
+        "'tag:yaml.org,2002:python/object/apply:os.system'\n")
+    assert not marker.exists()
+
+
 def _copy_train_images(folder: Path) -> None:
     folder.mkdir()
     for p in (Path(rgt.__file__).parent / "assets" / "images" / "train").glob("*.png"):

@@ -295,8 +295,10 @@ def load_options(path: str | os.PathLike | None, overrides: Sequence[str] = ()) 
         text = source.read_text()
     try:
         opt = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise OptionError(f"{source}: not valid YAML: {exc}") from exc
+    except yaml.YAMLError as exc:  # one line: the problem and where (str(exc) quotes the text over 3-6 lines)
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None) or str(exc)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise OptionError(f"{source}: not valid YAML{where}: {problem}") from None
     try:
         _check(opt, SCHEMA, "")
         for assignment in overrides:
