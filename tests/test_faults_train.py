@@ -358,6 +358,14 @@ def test_pickle_payload_in_a_state_is_not_executed(tmp_path, capsys):
     assert not marker.exists()
 
 
+def test_unusable_experiment_folder_in_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exc:
+        main(["--cpu", *cli_args(tmp_path / "file", 1)])
+    assert exc.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"rgt.train: error: {tmp_path / 'file'}: File exists"
+
+
 def test_yaml_payload_in_an_option_file_is_not_executed(tmp_path, capsys):
     marker = tmp_path / "pwned"
     opt = tmp_path / "evil.yml"

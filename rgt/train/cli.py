@@ -180,9 +180,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (OptionError, DataError, StateError, TrainingDiverged, ExperimentBusy, FileNotFoundError) as exc:
         print(f"rgt.train: error: {_one_line(exc)}", file=sys.stderr)
         raise SystemExit(2 if isinstance(exc, OptionError) else 1) from None
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC:
+    except OSError as exc:  # the machine's doing, not a bug: a full disk, a path that cannot be written
+        what = exc.strerror if exc.filename is None else f"{exc.filename}: {exc.strerror}"
+        if exc.errno == errno.ENOSPC:
+            what += "; the previous checkpoint is intact: free some space and rerun with --auto-resume"
+        elif exc.filename is None:
             raise
-        print(f"rgt.train: error: {exc.strerror}; the previous checkpoint is intact: free some space and rerun "
-              "with --auto-resume", file=sys.stderr)
+        print(f"rgt.train: error: {what}", file=sys.stderr)
         raise SystemExit(1) from None
