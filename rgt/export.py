@@ -103,7 +103,8 @@ def _trace(module: Deployed, x: Tensor, path: str, exporter: str, opset: int, dy
         # Expected: the Python branches on H and W (TracerWarning) are what fixes the size; the TorchScript
         # exporter's deprecation notice is known (it still exists in torch 2.11-2.14 and honours the opset).
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*(legacy TorchScript-based ONNX|feature will be removed)",
+                                category=DeprecationWarning)
         if exporter == "torchscript":
             axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
             torch.onnx.export(module, (x,), path, dynamo=False, dynamic_axes=axes, **names)
@@ -177,8 +178,12 @@ def export_onnx(
     example = torch.rand(batch or 2, config["in_chans"], H, W, dtype=torch.float16 if fp16 else torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
         traced = os.path.join(tmp, "model.onnx")
-        with torch.no_grad():
-            _trace(module, example, traced, exporter, opset, dynamic_batch=batch == 0)
+        try:
+            with torch.no_grad():
+                _trace(module, example, traced, exporter, opset, dynamic_batch=batch == 0)
+        except torch.onnx.errors.UnsupportedOperatorError as e:  # e.g. rgt::recursive_dwconv_fwd of rgt._C
+            first_line = str(e).splitlines()[0]
+            raise ValueError(f"kernels={kernels!r}: {first_line} Export with kernels='reference'.") from None
         proto = onnx.load(traced)
     custom = sorted({f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in STANDARD_DOMAINS})
     if custom:
@@ -279,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = verify_onnx(args.output, args.checkpoint, **load_args)
     print(f"verify ({'ok' if report['ok'] else 'FAILED'}): ONNX Runtime CPU vs PyTorch on a random "
           f"{report['input_shape']} input: max abs error {report['max_err']:.2e} (bound {report['bound']:.2e}"
-          + (f" = 2x PyTorch fp16's error vs float64" if "torch_fp16_err" in report else "") + ")")
+          + (" = 2x PyTorch fp16's error vs float64" if "torch_fp16_err" in report else "") + ")")
     return 0 if report["ok"] else 1
 
 
