@@ -40,9 +40,9 @@ from rgt.inference.tiling import valid_size
 __all__ = ["EXPORTERS", "INPUT_NAME", "OUTPUT_NAME", "export_onnx", "verify_onnx"]
 
 INPUT_NAME, OUTPUT_NAME = "input", "output"
-# TorchScript exporter: every opset from 14 (aten::roll -> Slice/Concat) to 20 is written as asked. The dynamo
-# exporter (torch.export + onnxscript) writes opset 18 or newer only: asked for less, it writes 18 silently.
-EXPORTERS = {"torchscript": (14, 20), "dynamo": (18, 23)}
+# Opsets written as asked and checked against PyTorch (torch 2.13): TorchScript 13, 14, 17, 20; dynamo 18, 20,
+# 23. The dynamo exporter (torch.export + onnxscript) silently writes opset 18 when asked for less.
+EXPORTERS = {"torchscript": (13, 20), "dynamo": (18, 23)}
 DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}  # 17: the first with LayerNormalization (TensorRT >= 8.6)
 STANDARD_DOMAINS = ("", "ai.onnx")
 
