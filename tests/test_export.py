@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from _utils import TINY, gen
+from _utils import TINY, deterministic_fill, gen
 
 import rgt
 from rgt.data import read_image, write_image
@@ -18,17 +18,20 @@ from rgt.upscale import main as upscale_main
 onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed: pip install 'rgt[onnx]'")
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install 'rgt[onnx]'")
 
-# fp32 ORT vs PyTorch: measured max abs error 1.8e-7 .. 5.4e-7 over 9 inputs (Xeon, AVX-512, ORT 1.32); the
-# issue asks <= 1e-4.
+# fp32 ORT vs PyTorch (outputs in [0.27, 0.58]): measured max abs error 7.5e-7 .. 1.6e-6 on the inputs below
+# (Xeon, AVX-512, ORT 1.32, torch 2.13); the issue asks for <= 1e-4.
 FP32_ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def model():
     """Tiny x2 RGT on the default kernels ("auto": the C++ recursive_dwconv on CPU when rgt._C is built), which
-    the export must route around to plain ops."""
-    torch.manual_seed(0)
-    return rgt.RGT(**TINY).eval()
+    the export must route around to plain ops. The spec's deterministic weights make attention peaked and the
+    shift masks matter (without them a 1% change of L-SA's q.k scale moves the output by 2e-7, with them 4e-3;
+    dropping the shift moves it by 3e-2), so a wrong mask or bias in the graph cannot hide under the tolerance."""
+    model = rgt.RGT(**TINY).eval()
+    deterministic_fill(model)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +101,7 @@ def test_cli_fp32_unpadded_clamped_matches_pytorch(model, unpadded):
 def test_fp16_within_pytorch_fp16_error(model, tmp_path):
     """ORT on the fp16 file and PyTorch run in fp16, both against PyTorch in float64 on the same fp16-rounded
     input; STYLE.md: the fp16 error may be at most 2x PyTorch fp16's own. Measured over 4 inputs: ORT CPU
-    5.1e-4 .. 5.4e-4, PyTorch fp16 (CPU) 5.3e-4 .. 5.5e-4 (ratio 0.95 .. 0.98)."""
+    7.4e-4 .. 2.9e-3, PyTorch fp16 (CPU) 8.9e-4 .. 1.8e-3, ratio 0.75 .. 1.61 (1.0 on this test's input)."""
     path = tmp_path / "fp16.onnx"
     proto = export_onnx(model, path, (40, 52), fp16=True, clamp=False)
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
