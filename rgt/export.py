@@ -35,6 +35,7 @@ from rgt.arch import RGT
 from rgt.arch.rgsa import MIN_EVAL_SIDE, recursion_depth
 from rgt.checkpoint import atomic_write, read_state_dict
 from rgt.detect import detect_config, resolve_config
+from rgt.inference.onnx_tiles import ort_session
 from rgt.inference.tiling import valid_size
 
 __all__ = ["EXPORTERS", "INPUT_NAME", "OUTPUT_NAME", "export_onnx", "verify_onnx"]
@@ -195,14 +196,6 @@ def export_onnx(
     return proto
 
 
-def _session(path: str | os.PathLike):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # ORT warns about every constant it cannot fold on the CPU: noise here
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def verify_onnx(path: str | os.PathLike, source: RGT | str | os.PathLike | Mapping, *, seed: int = 0,
                 **load_args) -> dict:
     """Run the exported file in ONNX Runtime (CPU) and the PyTorch model on one random input and compare.
@@ -213,7 +206,7 @@ def verify_onnx(path: str | os.PathLike, source: RGT | str | os.PathLike | Mappi
     Returns:
         {"max_err", "bound", "ok", "input_shape"}, plus "torch_fp16_err" for fp16 files.
     """
-    session = _session(path)
+    session = ort_session(path)
     meta = session.get_modelmeta().custom_metadata_map
     inp = session.get_inputs()[0]
     N, C, H, W = (d if isinstance(d, int) else 2 for d in inp.shape)  # a dynamic batch is checked at N = 2

@@ -20,10 +20,19 @@ from torch import Tensor, nn
 from rgt.inference.tiling import reflect_pad, tiled_forward
 from rgt.inference.upscaler import Upscaler
 
-__all__ = ["OnnxTiles", "onnx_option_conflicts", "onnx_upscaler"]
+__all__ = ["OnnxTiles", "onnx_option_conflicts", "onnx_upscaler", "ort_session"]
 
 # rgt.upscale options that an ONNX file fixes itself, with their defaults (--onnx refuses them when set).
 _FIXED_BY_FILE = {"model": None, "tile": 0, "precision": "auto", "device": None, "kernels": None, "compile": False}
+
+
+def ort_session(path: str | os.PathLike, providers: list[str] | None = None):
+    """An ONNX Runtime session on `providers` (default: the CPU provider), without ORT's warning noise."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # ORT warns about every constant it cannot fold on the CPU: noise here
+    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
 
 
 class OnnxTiles(nn.Module):
@@ -39,11 +48,7 @@ class OnnxTiles(nn.Module):
     def __init__(self, path: str | os.PathLike, *, overlap: int = 32, providers: list[str] | None = None,
                  progress: bool = False):
         super().__init__()
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3  # ORT warns about every constant it cannot fold on the CPU: noise here
-        self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+        self.session = ort_session(path, providers)
         inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
         batch, self.in_chans, th, tw = inp.shape
         if not (isinstance(th, int) and isinstance(tw, int)):
