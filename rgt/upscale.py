@@ -125,9 +125,9 @@ def run(args: argparse.Namespace, jobs: list[tuple[Path, Path]], device: str) ->
         up = Upscaler(args.checkpoint, model=args.model, scale=args.scale, device=device,
                       precision=args.precision, tile=args.tile, tile_overlap=args.tile_overlap, tta=args.tta,
                       alpha=args.alpha, kernels=args.kernels, compile=args.compile, progress=True)
+    mode = "ONNX Runtime, {}x{} px tiles".format(*up.model.tile) if args.onnx else "whole images"
     log.info("x%d model on %s, %s, %s", up.scale, up.device, up.precision,
-             f"{args.tile} px tiles" if args.tile else f"ONNX Runtime, {up.model.tile} px tiles" if args.onnx
-             else "whole images")
+             f"{args.tile} px tiles" if args.tile else mode)
     failed, times = 0, []
     for src, dst in tqdm(jobs, desc="upscale", unit="img", disable=len(jobs) < 2):
         start = time.perf_counter()
