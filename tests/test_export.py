@@ -181,6 +181,7 @@ def test_upscale_cli_with_onnx(model, unpadded, tmp_path, capsys):
     for argv, message in [
         (["--onnx", str(unpadded), "--tile", "64"], "--tile cannot be used with --onnx"),
         (["--onnx", str(tmp_path / "missing.onnx")], "no such file"),
+        (["--onnx", str(src / "rgb.png")], "cannot be loaded"),
         (["--onnx", str(unpadded), "-m", "x.pth"], "not allowed with argument"),
         (["--onnx", str(unpadded), "-s", "4"], "is a x2 model, but --scale 4 was asked for"),
     ]:

@@ -91,7 +91,11 @@ def onnx_option_conflicts(args: argparse.Namespace) -> str | None:
         return "--onnx needs onnxruntime: pip install 'rgt[onnx]'"
     if not Path(args.onnx).is_file():
         return f"--onnx {args.onnx}: no such file"
-    if args.scale is not None and args.scale != (scale := OnnxTiles(args.onnx).upscale):
+    try:
+        scale = OnnxTiles(args.onnx).upscale
+    except Exception as e:  # ONNX Runtime raises its own types (InvalidProtobuf, Fail, ...), ours ValueError
+        return f"--onnx {args.onnx}: cannot be loaded: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    if args.scale is not None and args.scale != scale:
         return f"--onnx {args.onnx} is a x{scale} model, but --scale {args.scale} was asked for"
     return None
 
