@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from rgt.data.io import IMAGE_EXTENSIONS, ImageReadError, read_image, write_image
+from rgt.inference.onnx_tiles import onnx_option_conflicts, onnx_upscaler
 from rgt.inference.upscaler import PRECISIONS, Upscaler
 
 log = logging.getLogger("rgt.upscale")
@@ -38,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("-i", "--input", required=True, help="image file, folder, or quoted glob ('dir/**/*.png')")
     p.add_argument("-o", "--output", required=True, type=Path, help="output file (one input) or folder")
-    p.add_argument("-m", "--checkpoint", required=True, help=".pth / .safetensors (official, BasicSR, ours)")
+    weights = p.add_mutually_exclusive_group(required=True)
+    weights.add_argument("-m", "--checkpoint", help=".pth / .safetensors (official, BasicSR, ours)")
+    weights.add_argument("--onnx", type=Path, help="instead of -m: an ONNX file from python -m rgt.export, run "
+                         "by ONNX Runtime on the CPU in tiles of its input size (rgt.inference.onnx_tiles)")
     p.add_argument("--model", choices=("rgt_s", "rgt"), help="use this preset instead of the detected config")
     p.add_argument("-s", "--scale", type=int, help="check the checkpoint's scale")
     p.add_argument("-t", "--tile", type=int, default=0, help="tile side in input px (0: whole image, default)")
@@ -114,11 +118,16 @@ def _default_device(local_rank: int) -> str:
 
 def run(args: argparse.Namespace, jobs: list[tuple[Path, Path]], device: str) -> int:
     """Upscale every (src, dst) job; returns the number of failed inputs."""
-    up = Upscaler(args.checkpoint, model=args.model, scale=args.scale, device=device, precision=args.precision,
-                  tile=args.tile, tile_overlap=args.tile_overlap, tta=args.tta, alpha=args.alpha,
-                  kernels=args.kernels, compile=args.compile, progress=True)
+    if args.onnx:  # the exported file fixes model, tile size and precision (checked in main)
+        up = onnx_upscaler(args.onnx, tile_overlap=args.tile_overlap, tta=args.tta, alpha=args.alpha,
+                           progress=True)
+    else:
+        up = Upscaler(args.checkpoint, model=args.model, scale=args.scale, device=device,
+                      precision=args.precision, tile=args.tile, tile_overlap=args.tile_overlap, tta=args.tta,
+                      alpha=args.alpha, kernels=args.kernels, compile=args.compile, progress=True)
+    mode = "ONNX Runtime, {}x{} px tiles".format(*up.model.tile) if args.onnx else "whole images"
     log.info("x%d model on %s, %s, %s", up.scale, up.device, up.precision,
-             f"{args.tile} px tiles" if args.tile else "whole images")
+             f"{args.tile} px tiles" if args.tile else mode)
     failed, times = 0, []
     for src, dst in tqdm(jobs, desc="upscale", unit="img", disable=len(jobs) < 2):
         start = time.perf_counter()
@@ -143,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Returns the exit status: 0, 1 if any input failed, 2 for bad arguments (argparse)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.onnx and (conflict := onnx_option_conflicts(args)):
+        parser.error(conflict)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     inputs = collect_inputs(args.input)
