@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 import triton
+from rgt.kernels import rg_attn, rwin_attn
 from torch.utils.flop_counter import FlopCounterMode
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
 from rgt import models
-from rgt.kernels import rg_attn, rwin_attn
 from rgt.ops._dispatch import Op
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -67,7 +67,7 @@ class Launch:
 
     def __post_init__(self):
         const = [p.is_constexpr for p in self.kernel.params]
-        spec = [a if c else _spec(a) for a, c in zip(self.args, const)], sorted(self.kwargs.items())
+        spec = [a if c else _spec(a) for a, c in zip(self.args, const, strict=False)], sorted(self.kwargs.items())
         text = f"{triton.__version__}|{self.kernel.cache_key}|{self.name}|{spec}"
         self.key = hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -76,7 +76,7 @@ class Launch:
         return self.kernel.fn.__name__
 
     def constexprs(self) -> dict:
-        positional = {p.name: a for p, a in zip(self.kernel.params, self.args) if p.is_constexpr}
+        positional = {p.name: a for p, a in zip(self.kernel.params, self.args, strict=False) if p.is_constexpr}
         return positional | {k: v for k, v in self.kwargs.items() if k not in ("num_warps", "num_stages")}
 
 

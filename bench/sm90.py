@@ -9,8 +9,8 @@ stores / loads and stack (bytes per thread), shared memory per block, how its do
 mma.sync, FMA) with the SASS HMMA / HGMMA counts, and the compile time. Beside them, per op, direction,
 workload and dtype: the analytic floor (FLOPs, HBM bytes and exponentials against the H200 ceilings of
 bench/_device.py; the largest of the three times is the lower bound) and the op's share of the model's FLOPs
-per forward and per training step. `--gate` compiles the representative set tests/test_sm90.py gates on: one
-variant per (kernel, dtypes, constexprs, warps, stages) of the RGT-S workloads, dropping int-alignment
+per forward and per training step. `--gate` compiles the representative set tests/test_sm90.py gates on
+(GATE_WORKLOADS): one variant per (kernel, dtypes, constexprs, warps, stages), dropping int-alignment
 specialisations. Default output: bench/results/sm90/triton-<version>.json. On a GPU machine the same
 ops are timed beside their floors with `--time`.
 """
@@ -35,7 +35,9 @@ import triton  # noqa: E402
 from _device import CEILINGS  # noqa: E402
 
 H200 = CEILINGS[0]
-GATE_WORKLOADS = ("train-64x64-b8", "infer-256x256", "infer-250x250", "infer-750x1000")
+# The CI gate (tests/test_sm90.py): fp16/bf16 everywhere users run, fp32 where users train and at 256x256.
+GATE_WORKLOADS = {"train-64x64-b8": ("fp32", "fp16", "bf16"), "infer-256x256": ("fp32", "fp16", "bf16"),
+                  "infer-750x1000": ("fp16", "bf16")}
 
 
 def op_work(op: str, phase: str, args: tuple, itemsize: int) -> dict:
@@ -76,14 +78,14 @@ def floor_s(work: dict, dtype: str) -> tuple[float, str]:
     return times[bound], bound
 
 
-def collect(workloads, dtypes, count_flops: bool, timed: bool = False):
+def collect(workloads, dtypes: dict, count_flops: bool, timed: bool = False):
     """Variants {key: (launch, info)} and per-(workload, dtype, op, phase) floors of all runs (with the
     measured time beside each floor when `timed`)."""
     variants: dict[str, dict] = {}
     floors = []
     for w in workloads:
         calls, gflop = capture.model_calls(w, count_flops)
-        for dtype in dtypes:
+        for dtype in dtypes[w.name]:
             for op, phase, launch in capture.launches(calls, dtype):
                 v = variants.setdefault(launch.key, {"launch": launch, "op": op, "phase": phase, "dtype": dtype,
                                                      "launches": defaultdict(int)})
@@ -132,16 +134,18 @@ def measure(calls: list, dtype: str) -> dict[tuple[str, str], float]:
     for op, args in calls:
         sig = (op, tuple((tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor) else a for a in args))
         if sig not in per_call:
-            real = tuple(capture.retype(a, capture.DTYPES[dtype], "cuda") for a in args)
-            fused = capture.FUSED[op]
-            res = fused.fwd(*real)
-            do = torch.randn_like(res[0])
-            per_call[sig] = {"fwd": _harness.time_ms(lambda: fused.fwd(*real))["ms_p50"],
-                             "bwd": _harness.time_ms(lambda: fused.bwd(do, res, *real))["ms_p50"]}
-            del real, res, do
+            per_call[sig] = _time_call(capture.FUSED[op],
+                                       tuple(capture.retype(a, capture.DTYPES[dtype], "cuda") for a in args))
         for phase in ("fwd", "bwd"):
             total[op, phase] += per_call[sig][phase]
     return total
+
+
+def _time_call(fused, args: tuple) -> dict:
+    res = fused.fwd(*args)
+    do = torch.randn_like(res[0])
+    return {"fwd": _harness.time_ms(lambda: fused.fwd(*args))["ms_p50"],
+            "bwd": _harness.time_ms(lambda: fused.bwd(do, res, *args))["ms_p50"]}
 
 
 def gate_set(variants: dict) -> dict:
@@ -188,6 +192,23 @@ def markdown(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def floors_markdown(floors: list[dict], workloads=("train-64x64-b8", "infer-256x256", "infer-750x1000")) -> str:
+    """Per op and direction, RGT-S workloads: the H200 floor summed over the model's calls, what bounds it,
+    the share of the model's FLOPs, and the measured time where a GPU run added it."""
+    lines = ["| workload | dtype | op | calls | GFLOP | GB | floor ms (bound) | share of fwd / train step | "
+             "measured ms |", "|---|---|---|---|---|---|---|---|---|"]
+    for f in floors:
+        if f["workload"] not in workloads or f["dtype"] == "fp16":
+            continue
+        share = [f.get("share_of_forward"), f.get("share_of_train_step")]
+        share = " / ".join("-" if x is None else f"{100 * x:.1f}%" for x in share)
+        measured = f"{f['measured_ms']:.3f}" if "measured_ms" in f else "-"
+        lines.append(f"| {f['workload']} | {f['dtype']} | {f['op'].removesuffix('_attention')} {f['phase']} | "
+                     f"{f['calls']} | {f['gflop']:.1f} | {f['gbytes']:.2f} | {f['floor_ms']:.3f} ({f['bound']}) | "
+                     f"{share} | {measured} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gate", action="store_true", help="only the representative set the CI gate checks")
@@ -204,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--time measures the fused ops on a GPU, and no CUDA device is available")
     t0 = time.perf_counter()
     workloads = [w for w in capture.WORKLOADS if not a.gate or w.name in GATE_WORKLOADS]
-    variants, floors = collect(workloads, list(capture.DTYPES), count_flops=not a.gate, timed=a.time)
+    dtypes = GATE_WORKLOADS if a.gate else {w.name: tuple(capture.DTYPES) for w in workloads}
+    variants, floors = collect(workloads, dtypes, count_flops=not a.gate, timed=a.time)
     if a.gate:
         variants = gate_set(variants)
     t1 = time.perf_counter()
@@ -219,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     _harness.save(out, head, records, floors=floors)
     table = markdown(records)
     print(table if a.markdown else "\n".join(table.splitlines()[2:]))
+    if a.markdown and not a.gate:
+        print(floors_markdown(floors))
     bad = [r for r in records if not r["compiled"]]
     print(f"{len(records)} variants ({sum(r.get('cached', False) for r in records)} cached), {len(bad)} failed to "
           f"compile; capture {t1 - t0:.0f} s, compile {time.perf_counter() - t1:.0f} s")

@@ -1,13 +1,13 @@
 """Gates on what the sm_90 compiler makes of the Triton kernels, checked without a GPU.
 
-`python bench/sm90.py --gate` captures the kernel launches of RGT-S training (64x64, B = 8) and inference
-(256x256, 250x250, 750x1000) in fp32, fp16 and bf16, and compiles one variant per (kernel, dtypes, constexprs,
-warps, stages) for sm_90 with Triton's bundled ptxas (cached by kernel source in ~/.cache/rgt/sm90; about 40
-variants, a few minutes on 2 cores when nothing is cached). Each variant must compile, stay within the
-shared memory of a block, keep fp16/bf16 dots on tensor cores and not spill: every fp16/bf16 variant, and
-every fp32 variant the training or 256x256 workloads launch. Spills of fp32 variants only the larger
-inference shapes launch are reported (bench/results/sm90/), not gated: IEEE fp32 dots run on CUDA cores and
-are not what a user runs at those sizes.
+`python bench/sm90.py --gate` captures the kernel launches of RGT-S training (64x64, B = 8; fp32, fp16, bf16)
+and inference (256x256 in all three, 750x1000 in fp16 and bf16), and compiles one variant per (kernel, dtypes,
+constexprs, warps, stages) for sm_90 with Triton's bundled ptxas (cached by kernel source in
+~/.cache/rgt/sm90 or $RGT_SM90_CACHE; about 40 variants, a few minutes on 2 cores when nothing is cached).
+Each variant must compile, stay within the shared memory of a block, keep fp16/bf16 dots on tensor cores and
+not spill: every fp16/bf16 variant, and every fp32 variant the training or 256x256 workloads launch. Spills
+of fp32 variants that only the larger inference shapes launch are reported (bench/results/sm90/), not gated:
+IEEE fp32 dots run on CUDA cores, and whole large images are upscaled in bf16.
 """
 
 import json
