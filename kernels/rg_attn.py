@@ -302,8 +302,9 @@ def _dims(q: Tensor, v: Tensor) -> dict:
 # compiler's verdict (`python bench/sm90.py`, Triton 3.9 and 3.6): each compiles without register spills for
 # the model's shapes. IEEE fp32 dots run on CUDA cores with their operands in registers, hence smaller fp32
 # tiles: the fp32 backward keeps all keys in one block only up to 16 (32 keys spilled 96 B/thread, 64 keys
-# 0.8 KB, 256 keys 2 KB at every query tile) and streams 32-key blocks beyond; the fp32 forward takes 32-row
-# query tiles past 64 keys (64 rows spilled 1.3 KB at 256 keys).
+# 0.8 KB, 256 keys 2 KB at every query tile) and streams 32-key blocks beyond, on 8 warps (4 warps: 255
+# registers and 28 B of spills on Triton 3.9); the fp32 forward takes 32-row query tiles past 64 keys
+# (64 rows spilled 1.3 KB at 256 keys).
 FWD_CONFIGS = {
     (16, "fp16/bf16"): [(128, None, 4, 2)],
     (16, "fp32"): [(128, None, 4, 2)],
@@ -312,7 +313,7 @@ FWD_CONFIGS = {
     (RESIDENT_KV, "fp16/bf16"): [(64, None, 8, 2)],
     (RESIDENT_KV, "fp32"): [(32, None, 8, 2), (16, None, 4, 2)],
     ("streamed", "fp16/bf16"): [(128, 64, 4, 2)],
-    ("streamed", "fp32"): [(64, 64, 4, 2)],
+    ("streamed", "fp32"): [(64, 64, 4, 2), (128, 64, 4, 2)],
 }
 BWD_CONFIGS = {
     (16, "fp16/bf16"): [(32, None, 4, 2), (32, None, 4, 1), (16, None, 4, 2), (64, None, 4, 1)],
@@ -320,7 +321,7 @@ BWD_CONFIGS = {
     (64, "fp16/bf16"): [(32, None, 4, 2)],
     (RESIDENT_KV, "fp16/bf16"): [(32, None, 8, 2), (16, None, 8, 2)],
     ("streamed", "fp16/bf16"): [(64, 64, 4, 2), (32, 64, 4, 2)],
-    ("streamed", "fp32"): [(32, 32, 4, 2)],
+    ("streamed", "fp32"): [(32, 32, 8, 2), (32, 32, 4, 1), (16, 32, 4, 2)],
 }
 
 
