@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything only a GPU can show, in one go: build the CUDA extension, run the gpu-marked tests, run the four
-# benchmarks, and leave logs and JSON results in $OUT (default bench/results/gpu_session). Meant for a lent
-# GPU machine with torch and triton preinstalled (nothing downloaded), run from the repository root:
+# benchmarks and the sm_90 compile report with measured times beside its floors, and leave logs and JSON
+# results in $OUT (default bench/results/gpu_session). Meant for a lent GPU machine with torch and triton
+# preinstalled (nothing downloaded), run from the repository root:
 #
 #   bash bench/gpu_session.sh [tests|bench|all]      # default all; each part fits in about 10 minutes on an H200
 #
@@ -24,5 +25,7 @@ if [[ $part == bench || $part == all ]]; then
     for script in attention dwconv train_step data; do
         python3 "bench/$script.py" --out "$out/$script.json" 2>&1 | tee "$out/$script.log" | tail -30 || status=1
     done
+    # The sm_90 compile report with each op's measured time beside its analytic floor.
+    python3 bench/sm90.py --time --jobs 8 --out "$out/sm90.json" 2>&1 | tee "$out/sm90.log" | tail -30 || status=1
 fi
 exit $status

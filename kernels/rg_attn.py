@@ -20,7 +20,8 @@ Changes from the FlashAttention-2 scheme (flash-style online softmax, log-sum-ex
 
 Limits: dqk, dv <= 64; N' >= 1; B*heads <= 65535 (CUDA grid); fp32/fp16/bf16 inputs of one dtype, fp32
 accumulation; fp32 dots use IEEE precision (no TF32) so fp32 matches the reference to ~1e-6. Block sizes are
-one fixed config per shape class, chosen for an H100/H200 and not yet tuned on hardware.
+one config per shape class and precision, chosen so that the sm_90 compiler keeps every variant the model
+launches free of register spills (FWD_CONFIGS, BWD_CONFIGS); not yet timed on hardware.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from ._common import launch
 
 MAX_HEAD_DIM = 64
 RESIDENT_KV = 256  # N' up to this: one key block, K/V stay on chip (forward), dq fused into the dk/dv pass
-STREAM_BLOCK_N = 64  # key block when K/V are streamed
 # Programs to aim for (H100/H200: 132 SMs): forward packs query tiles per program down to about this many,
 # backward splits the query axis up to about this many. Tests lower them to exercise the loops.
 TARGET_PROGRAMS = {"fwd": 1024, "bwd": 512}
@@ -295,29 +295,75 @@ def _dims(q: Tensor, v: Tensor) -> dict:
     }
 
 
-def _fwd_config(N: int, n_kv: int, BH: int) -> dict:
-    """One config per shape class (H100/H200 guess, untuned): resident K/V up to 256 keys, then streamed.
-    Resident programs take several query tiles each so that about TARGET_PROGRAMS["fwd"] programs remain."""
-    resident = n_kv <= RESIDENT_KV
-    block_n = _tile(n_kv) if resident else STREAM_BLOCK_N
-    block_m = 128 if block_n <= 64 else 64
+# Tiles per shape class and precision: the first entry is used, the others are alternatives to autotune over
+# on a GPU. Classes by N' (keys): up to 16 (training crops), 64 and RESIDENT_KV keep all keys in one tile
+# (BLOCK_N None: N' padded to a power of two); "streamed" walks key blocks, and is also where a class without
+# an entry for its precision goes. Entries are (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen from the sm_90
+# compiler's verdict: the first entries compile without register spills for every launch of the model
+# (`python bench/sm90.py` on Triton 3.9 and 3.6; tests/test_sm90.py gates them), the 64-key class and the
+# alternatives did so on Triton 3.9 at one shape each (a sweep, 2026-11-30). IEEE fp32 dots run on CUDA cores
+# with their operands in registers, hence smaller fp32 tiles: the fp32 backward keeps all keys in one block
+# only up to 16 (32 keys spilled 96 B/thread, 64 keys 0.8 KB, 256 keys 2 KB at every query tile) and streams
+# 32-key blocks beyond, on 8 warps (4 warps: 255 registers and 28 B of spills on Triton 3.9); the fp32 forward
+# takes 32-row query tiles past 64 keys (64 rows spilled 1.3 KB at 256 keys).
+FWD_CONFIGS = {
+    (16, "fp16/bf16"): [(128, None, 4, 2)],
+    (16, "fp32"): [(128, None, 4, 2)],
+    (64, "fp16/bf16"): [(128, None, 4, 2)],
+    (64, "fp32"): [(128, None, 4, 2)],
+    (RESIDENT_KV, "fp16/bf16"): [(64, None, 8, 2)],
+    (RESIDENT_KV, "fp32"): [(32, None, 8, 2), (16, None, 4, 2)],
+    ("streamed", "fp16/bf16"): [(128, 64, 4, 2)],
+    ("streamed", "fp32"): [(64, 64, 4, 2), (128, 64, 4, 2)],
+}
+BWD_CONFIGS = {
+    (16, "fp16/bf16"): [(32, None, 4, 2), (32, None, 4, 1), (16, None, 4, 2), (64, None, 4, 1)],
+    (16, "fp32"): [(32, None, 4, 2), (32, None, 4, 1), (16, None, 4, 2)],
+    (64, "fp16/bf16"): [(32, None, 4, 2)],
+    (RESIDENT_KV, "fp16/bf16"): [(32, None, 8, 2), (16, None, 8, 2)],
+    ("streamed", "fp16/bf16"): [(64, 64, 4, 2), (32, 64, 4, 2)],
+    ("streamed", "fp32"): [(32, 32, 8, 2), (32, 32, 4, 1), (16, 32, 4, 2)],
+}
+
+
+def _shape_class(n_kv: int, configs: dict, precision: str) -> int | str:
+    """The smallest resident class holding N' keys that has configs for this precision, else "streamed"."""
+    for cls in (16, 64, RESIDENT_KV):
+        if n_kv <= cls and (cls, precision) in configs:
+            return cls
+    return "streamed"
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "fp16/bf16"
+
+
+def _fwd_config(N: int, n_kv: int, BH: int, dtype: torch.dtype) -> dict:
+    """The class's first config; resident programs take several query tiles each so that about
+    TARGET_PROGRAMS["fwd"] programs remain."""
+    cls = _shape_class(n_kv, FWD_CONFIGS, _precision(dtype))
+    block_m, block_n, warps, stages = FWD_CONFIGS[cls, _precision(dtype)][0]
+    resident = cls != "streamed"
+    block_n = _tile(n_kv) if resident else block_n
     n_tiles = triton.cdiv(N, block_m)
     tiles = min(16, max(1, n_tiles * BH // TARGET_PROGRAMS["fwd"])) if resident else 1
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "KV_RESIDENT": resident, "tiles": tiles,
-            "num_warps": 4 if block_m * block_n <= 8192 else 8, "num_stages": 2}
+            "num_warps": warps, "num_stages": stages}
 
 
-def _bwd_config(N: int, n_kv: int, BH: int) -> dict:
-    """Backward tiles, and the split of the query axis into about TARGET_PROGRAMS["bwd"] dk/dv programs."""
-    fuse = n_kv <= RESIDENT_KV
-    block_n = _tile(n_kv) if fuse else STREAM_BLOCK_N
-    block_m = min(64, max(16, 8192 // block_n))
+def _bwd_config(N: int, n_kv: int, BH: int, dtype: torch.dtype) -> dict:
+    """The class's first config, and the split of the query axis into about TARGET_PROGRAMS["bwd"] dk/dv
+    programs. All keys in one block (not "streamed") fuses dq into the dk/dv kernel."""
+    cls = _shape_class(n_kv, BWD_CONFIGS, _precision(dtype))
+    block_m, block_n, warps, stages = BWD_CONFIGS[cls, _precision(dtype)][0]
+    fuse = cls != "streamed"
+    block_n = _tile(n_kv) if fuse else block_n
     n_tiles = max(1, triton.cdiv(N, block_m))
     splits = min(n_tiles, triton.cdiv(TARGET_PROGRAMS["bwd"], triton.cdiv(n_kv, block_n) * max(1, BH)))
     per_split = triton.cdiv(n_tiles, splits)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "FUSE_DQ": fuse, "n_tiles": n_tiles,
             "splits": triton.cdiv(n_tiles, per_split), "per_split": per_split,
-            "num_warps": 4 if block_m * block_n <= 4096 else 8, "num_stages": 2}
+            "num_warps": warps, "num_stages": stages}
 
 
 def rgsa_attn_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -333,7 +379,7 @@ def rgsa_attn_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor
     B, H, N, dqk = q.shape
     if out.numel() == 0:
         return out, lse
-    cfg = _fwd_config(N, k.shape[2], B * H)
+    cfg = _fwd_config(N, k.shape[2], B * H, q.dtype)
     grid = (triton.cdiv(triton.cdiv(N, cfg["BLOCK_M"]), cfg["tiles"]), B * H)
     launch(_rgsa_attn_fwd_kernel)[grid](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -359,7 +405,7 @@ def rgsa_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
     if do.shape != out.shape or out.shape != (B, H, N, d_v) or lse.shape != (B, H, N):
         raise ValueError(f"rgsa_attn_bwd: expected dO and out {(B, H, N, d_v)} and lse {(B, H, N)}; got "
                          f"{tuple(do.shape)}, {tuple(out.shape)}, {tuple(lse.shape)}")
-    cfg = _bwd_config(N, n_kv, B * H)
+    cfg = _bwd_config(N, n_kv, B * H, q.dtype)
     dq = _token_major(B, H, N, dqk, q)
     dk_ws = q.new_empty((cfg["splits"], B, n_kv, H, dqk), dtype=torch.float32)  # fp32 partials per range
     dv_ws = q.new_empty((cfg["splits"], B, n_kv, H, d_v), dtype=torch.float32)
