@@ -13,14 +13,16 @@ Changes against a plain windowed flash kernel:
   logit) and are never stored. Shift regions (-100 across regions) come from the rolled padded coordinates.
 - The relative-position bias is gathered from the (M, hb) table per score tile, never expanded per window.
 - Backward: dq, dk, dv land in the same token layout (each real token lies in exactly one window, so no zero
-  fill). d(bias) sums dS over all windows and images. The dq kernel sees whole key rows of a window, so it
-  keeps a query tile's dS summed over a chunk of windows in registers and writes one (N, N) fp32 partial per
-  chunk; the host sums the partials in a fixed order and folds them onto the table by relative offset. No
-  atomics: the gradients are deterministic.
+  fill). Three kernels, each holding only (query tile x key tile) score tiles so none spills on sm_90: dk/dv
+  (a key tile, looping over query tiles), dq (a query tile, looping over key tiles) and d(bias), which sums
+  dS over all windows and images: each program owns one (query, key) tile of window-local positions,
+  recomputes dS there for a chunk of windows and writes one (N, N) fp32 partial per chunk; the host sums
+  the partials in a fixed order and folds them onto the table by relative offset. No atomics: the gradients
+  are deterministic. Tiles and warps per kernel and dtype: CONFIGS.
 
-Limits: head dim <= 64 (padded in-kernel to a power of two >= 16); windows of s0*s1 <= 256 tokens (the dq
-kernel holds full key rows); max(split) a multiple of min(split); fp32 (IEEE dots, no TF32), fp16, bf16; no
-dropout.
+Limits: head dim <= 64 (padded in-kernel to a power of two >= 16); windows of s0*s1 <= 256 tokens (the
+d(bias) partials grow as N^2); max(split) a multiple of min(split); fp32 (IEEE dots, no TF32), fp16, bf16;
+no dropout.
 """
 
 from __future__ import annotations
@@ -96,6 +98,19 @@ def _branch_head(br, head, S0: tl.constexpr, S1: tl.constexpr, C, D):
 
 
 @triton.jit
+def _window_program(TILES: tl.constexpr, QKV, Bias, stride_qz, stride_bt, stride_bh, H, W, C, HB, D,
+                    S0: tl.constexpr, S1: tl.constexpr):
+    """Program (window * TILES + tile, head, image * 2 + branch) -> (tile, window, image (int64), window height
+    and width, the head's first q channel, the image's qkv, the head's bias table, its row of Lse and Delta)."""
+    head = tl.program_id(1)
+    zb = tl.program_id(2)
+    hs, ws, ch = _branch_head(zb % 2, head, S0, S1, C, D)
+    z = (zb // 2).to(tl.int64)
+    return (tl.program_id(0) % TILES, tl.program_id(0) // TILES, z, hs, ws, ch, QKV + z * stride_qz,
+            Bias + (zb % 2) * stride_bt + head * stride_bh, (zb * HB + head).to(tl.int64) * (H * W))
+
+
+@triton.jit
 def _logits(a, b, bias, reg_a, reg_b, SHIFT: tl.constexpr, DOT_PREC: tl.constexpr):
     """(len(a), len(b)) logits a b^T + bias, with the shift mask between tokens of different regions."""
     s = tl.dot(a, tl.trans(b), input_precision=DOT_PREC) + bias
@@ -118,6 +133,17 @@ def _query_side(Base, DOz, Lse, Delta, Stats, tok_q, real_q, stride_qm, stride_q
 
 
 @triton.jit
+def _key_side(Base, BiasH, stride_qm, stride_qc, stride_bm, tk, code_q, win, hs, ws, H, W, Hp, Wp, C, ch, d, D,
+              N: tl.constexpr, EVEN: tl.constexpr, SHIFT: tl.constexpr):
+    """What a query tile (bias codes code_q) needs of the key tile tk of window `win`: k, v, the fp32 bias
+    tile (queries x keys) and the keys' shift regions."""
+    tok_k, real_k, code_k, reg_k = _window_tokens(tk, win, hs, ws, H, W, Hp, Wp, N, EVEN, SHIFT)
+    k = _load_rows(Base, tok_k, real_k, stride_qm, stride_qc, C + ch, d, D)
+    v = _load_rows(Base, tok_k, real_k, stride_qm, stride_qc, 2 * C + ch, d, D)
+    return k, v, _bias_tile(BiasH, stride_bm, code_q[:, None] - code_k[None, :], hs, ws), reg_k
+
+
+@triton.jit
 def _grad_logits(q, k, v, do, lse, delta, bias, reg_q, reg_k, SHIFT: tl.constexpr, DOT_PREC: tl.constexpr):
     """dS = P (dout v^T - Delta) of a (query, key) tile, P = exp(S - lse) recomputed from the logits S."""
     p = tl.exp(_logits(q, k, bias, reg_q, reg_k, SHIFT, DOT_PREC) - lse[:, None])
@@ -137,17 +163,10 @@ def _rwin_attn_fwd_kernel(
     Out_i = sum_j softmax_j((q_i * scale) . k_j + bias(i, j) + mask_ij) v_j, online softmax over key tiles.
     Saves Lse (B, 2, hb, H*W) fp32, the logsumexp of each real query's logits, for the backward.
     """
-    M_TILES = (N + BLOCK_M - 1) // BLOCK_M
-    head = tl.program_id(1)
-    zb = tl.program_id(2)  # image * 2 + branch
-    hs, ws, ch = _branch_head(zb % 2, head, S0, S1, C, D)
-    win = tl.program_id(0) // M_TILES
-    z = (zb // 2).to(tl.int64)
+    tile, win, z, hs, ws, ch, Base, BiasH, Stats = _window_program(
+        (N + BLOCK_M - 1) // BLOCK_M, QKV, Bias, stride_qz, stride_bt, stride_bh, H, W, C, HB, D, S0, S1)
     d = tl.arange(0, BLOCK_D)
-    Base = QKV + z * stride_qz
-    BiasH = Bias + (zb % 2) * stride_bt + head * stride_bh
-
-    tq = (tl.program_id(0) % M_TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tq = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     tok_q, real_q, code_q, reg_q = _window_tokens(tq, win, hs, ws, H, W, Hp, Wp, N, EVEN, SHIFT)
     q = _load_rows(Base, tok_q, real_q, stride_qm, stride_qc, ch, d, D)
     q = (q.to(tl.float32) * scale).to(q.dtype)  # the reference scales q before q k^T, in q's dtype
@@ -157,10 +176,8 @@ def _rwin_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, N, BLOCK_N):
         tk = start + tl.arange(0, BLOCK_N)
-        tok_k, real_k, code_k, reg_k = _window_tokens(tk, win, hs, ws, H, W, Hp, Wp, N, EVEN, SHIFT)
-        k = _load_rows(Base, tok_k, real_k, stride_qm, stride_qc, C + ch, d, D)
-        v = _load_rows(Base, tok_k, real_k, stride_qm, stride_qc, 2 * C + ch, d, D)
-        bias = _bias_tile(BiasH, stride_bm, code_q[:, None] - code_k[None, :], hs, ws)
+        k, v, bias, reg_k = _key_side(Base, BiasH, stride_qm, stride_qc, stride_bm, tk, code_q, win, hs, ws, H, W,
+                                      Hp, Wp, C, ch, d, D, N, EVEN, SHIFT)
         s = _logits(q, k, bias, reg_q, reg_k, SHIFT, DOT_PREC)
         if not EVEN:
             s = tl.where((tk < N)[None, :], s, float("-inf"))
@@ -174,7 +191,7 @@ def _rwin_attn_fwd_kernel(
     out = acc / l_i[:, None]
     optrs = Out + z * stride_oz + tok_q[:, None] * stride_om + (ch + d)[None, :]
     tl.store(optrs, out.to(Out.dtype.element_ty), mask=real_q[:, None] & (d < D)[None, :])
-    tl.store(Lse + (zb * HB + head).to(tl.int64) * (H * W) + tok_q, m_i + tl.log(l_i), mask=real_q)
+    tl.store(Lse + Stats + tok_q, m_i + tl.log(l_i), mask=real_q)
 
 
 @triton.jit
@@ -210,18 +227,10 @@ def _rwin_attn_bwd_dkdv_kernel(
     With P = exp(S - lse) recomputed: dv_j = sum_i P_ij dout_i; dS_ij = P_ij (dout_i . v_j - Delta_i);
     dk_j = sum_i dS_ij (q_i * scale). Works on (keys x queries) tiles so dk, dv need no transpose.
     """
-    N_TILES = (N + BLOCK_N - 1) // BLOCK_N
-    head = tl.program_id(1)
-    zb = tl.program_id(2)
-    hs, ws, ch = _branch_head(zb % 2, head, S0, S1, C, D)
-    win = tl.program_id(0) // N_TILES
-    z = (zb // 2).to(tl.int64)
+    tile, win, z, hs, ws, ch, Base, BiasH, Stats = _window_program(
+        (N + BLOCK_N - 1) // BLOCK_N, QKV, Bias, stride_qz, stride_bt, stride_bh, H, W, C, HB, D, S0, S1)
     d = tl.arange(0, BLOCK_D)
-    Base = QKV + z * stride_qz
-    BiasH = Bias + (zb % 2) * stride_bt + head * stride_bh
-    Stats = (zb * HB + head).to(tl.int64) * (H * W)  # row of Lse and Delta
-
-    tk = (tl.program_id(0) % N_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tk = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     tok_k, real_k, code_k, reg_k = _window_tokens(tk, win, hs, ws, H, W, Hp, Wp, N, EVEN, SHIFT)
     k = _load_rows(Base, tok_k, real_k, stride_qm, stride_qc, C + ch, d, D)
     v = _load_rows(Base, tok_k, real_k, stride_qm, stride_qc, 2 * C + ch, d, D)
@@ -256,27 +265,18 @@ def _rwin_attn_bwd_dq_kernel(
 ):
     """One program: dq of BLOCK_M queries of one (window, head, image, branch), looping over key tiles:
     dq_i = scale * sum_j dS_ij k_j."""
-    M_TILES = (N + BLOCK_M - 1) // BLOCK_M
-    head = tl.program_id(1)
-    zb = tl.program_id(2)
-    hs, ws, ch = _branch_head(zb % 2, head, S0, S1, C, D)
-    win = tl.program_id(0) // M_TILES
-    z = (zb // 2).to(tl.int64)
+    tile, win, z, hs, ws, ch, Base, BiasH, Stats = _window_program(
+        (N + BLOCK_M - 1) // BLOCK_M, QKV, Bias, stride_qz, stride_bt, stride_bh, H, W, C, HB, D, S0, S1)
     d = tl.arange(0, BLOCK_D)
-    Base = QKV + z * stride_qz
-    BiasH = Bias + (zb % 2) * stride_bt + head * stride_bh
-
-    tq = (tl.program_id(0) % M_TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tq = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     tok_q, real_q, code_q, reg_q = _window_tokens(tq, win, hs, ws, H, W, Hp, Wp, N, EVEN, SHIFT)
-    q, do, lse, delta = _query_side(Base, DO + z * stride_dz, Lse, Delta, (zb * HB + head).to(tl.int64) * (H * W),
-                                    tok_q, real_q, stride_qm, stride_qc, stride_dm, stride_dc, ch, d, D, scale)
+    q, do, lse, delta = _query_side(Base, DO + z * stride_dz, Lse, Delta, Stats, tok_q, real_q, stride_qm,
+                                    stride_qc, stride_dm, stride_dc, ch, d, D, scale)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, N, BLOCK_N):
         tk = start + tl.arange(0, BLOCK_N)
-        tok_k, real_k, code_k, reg_k = _window_tokens(tk, win, hs, ws, H, W, Hp, Wp, N, EVEN, SHIFT)
-        k = _load_rows(Base, tok_k, real_k, stride_qm, stride_qc, C + ch, d, D)
-        v = _load_rows(Base, tok_k, real_k, stride_qm, stride_qc, 2 * C + ch, d, D)
-        bias = _bias_tile(BiasH, stride_bm, code_q[:, None] - code_k[None, :], hs, ws)
+        k, v, bias, reg_k = _key_side(Base, BiasH, stride_qm, stride_qc, stride_bm, tk, code_q, win, hs, ws, H, W,
+                                      Hp, Wp, C, ch, d, D, N, EVEN, SHIFT)
         ds = _grad_logits(q, k, v, do, lse, delta, bias, reg_q, reg_k, SHIFT, DOT_PREC)
         if not EVEN:  # keys past N wrap onto real tokens: drop them
             ds = tl.where((tk < N)[None, :], ds, 0.0)
@@ -337,6 +337,9 @@ def _rwin_attn_bwd_dbias_kernel(
 # ----------------------------------------------------------------------------------------- launchers
 
 
+Block = int | tuple[int, int] | None  # a launcher's tile override: one size, or (queries, keys)
+
+
 @dataclass(frozen=True)
 class Config:
     """Tiles and launch shape of one kernel: BLOCK_M queries x BLOCK_N keys per tile."""
@@ -353,12 +356,17 @@ class Config:
 
 # CONFIGS[kernel][fp32?]: the launchers' default first, then the candidates for autotuning on a GPU. Each one
 # compiles for sm_90 (Triton 3.6 and 3.9) without spills for RGT-S's windows (8x32, head dim 30), which is
-# what pruned this list; fp16/bf16 dots run on tensor cores (wgmma for 64-query tiles, mma.sync below).
+# what pruned this list; fp16/bf16 dots run on tensor cores (wgmma for 64-row tiles, mma.sync below). One
+# software-pipelining stage for d(bias): the prefetched gathers of a second stage cost registers and spill.
 CONFIGS = {
-    "fwd": {False: [Config(64, 64, 4)], True: [Config(64, 64, 4)]},
-    "dkdv": {False: [Config(64, 64, 4)], True: [Config(64, 64, 4)]},
-    "dq": {False: [Config(64, 64, 4)], True: [Config(64, 64, 4)]},
-    "dbias": {False: [Config(64, 64, 4)], True: [Config(64, 64, 4)]},
+    "fwd": {False: [Config(64, 64, 8), Config(64, 32, 4), Config(32, 64, 4)],
+            True: [Config(64, 64, 8), Config(32, 64, 4), Config(32, 32, 4)]},
+    "dkdv": {False: [Config(64, 64, 8), Config(32, 64, 4), Config(64, 32, 4)],
+             True: [Config(64, 64, 8), Config(64, 32, 4), Config(32, 32, 4)]},
+    "dq": {False: [Config(64, 64, 8), Config(64, 32, 4), Config(32, 64, 4)],
+           True: [Config(64, 64, 8), Config(32, 64, 4), Config(64, 32, 4)]},
+    "dbias": {False: [Config(64, 64, 8, 1), Config(64, 32, 4, 1), Config(32, 32, 4, 1)],
+              True: [Config(64, 64, 8, 1), Config(32, 32, 4, 1)]},
 }
 
 
@@ -397,16 +405,17 @@ class Geometry:
                     BLOCK_D=max(16, triton.next_power_of_2(self.D)),
                     DOT_PREC="ieee" if dtype == torch.float32 else "tf32")  # fp32 must not round to TF32
 
-    def config(self, kernel: str, dtype: torch.dtype, block: int | None) -> Config:
-        """Launch config of `kernel`: CONFIGS' default on a GPU, or `block` x `block` tiles if given, or the
-        whole window in the interpreter (whose cost is per op, not per element); tiles capped at the window."""
+    def config(self, kernel: str, dtype: torch.dtype, block: Block) -> Config:
+        """Launch config of `kernel`: CONFIGS' default on a GPU, or the tiles `block` if given, or the whole
+        window in the interpreter (whose cost is per op, not per element); tiles capped at the window."""
         cfg = CONFIGS[kernel][dtype == torch.float32][0]
         if block is None and INTERPRET:
             block = self.window_block
         if block is not None:
-            if block < 16 or block & (block - 1):
-                raise ValueError(f"block must be a power of two >= 16, got {block}")
-            cfg = replace(cfg, block_m=block, block_n=block)
+            bm, bn = (block, block) if isinstance(block, int) else block
+            if min(bm, bn) < 16 or bm & (bm - 1) or bn & (bn - 1):
+                raise ValueError(f"block must be powers of two >= 16, got {block}")
+            cfg = replace(cfg, block_m=bm, block_n=bn)
         return replace(cfg, block_m=min(cfg.block_m, self.window_block),
                        block_n=min(cfg.block_n, self.window_block))
 
@@ -449,7 +458,7 @@ def check_inputs(qkv: Tensor, bias_table: Tensor, H: int, W: int, split: tuple[i
 
 
 def rwin_attn_fwd(qkv: Tensor, bias_table: Tensor, H: int, W: int, split: tuple[int, int], shift: bool,
-                  heads: int, scale: float, *, block: int | None = None) -> tuple[Tensor, Tensor]:
+                  heads: int, scale: float, *, block: Block = None) -> tuple[Tensor, Tensor]:
     """Fused L-SA attention of both branches, with the semantics of `rgt.ops.reference.rwin_attention`.
 
     Args:
@@ -458,8 +467,8 @@ def rwin_attn_fwd(qkv: Tensor, bias_table: Tensor, H: int, W: int, split: tuple[
         out: (B, H*W, C) contiguous, qkv's dtype. lse: (B, 2, heads // 2, H*W) fp32, kept for the backward.
 
     Performance:
-        block: query and key tile (power of two >= 16); default CONFIGS' on a GPU, the whole window
-            interpreted.
+        block: query and key tile (powers of two >= 16): one size for both or (queries, keys); default
+            CONFIGS' on a GPU, the whole window interpreted.
     """
     g = check_inputs(qkv, bias_table, H, W, split, heads)
     out = qkv.new_empty((g.B, H * W, g.C))
@@ -475,7 +484,7 @@ def rwin_attn_fwd(qkv: Tensor, bias_table: Tensor, H: int, W: int, split: tuple[
 
 
 def rwin_attn_bwd(dout: Tensor, qkv: Tensor, bias_table: Tensor, out: Tensor, lse: Tensor, H: int, W: int,
-                  split: tuple[int, int], shift: bool, heads: int, scale: float, *, block: int | None = None,
+                  split: tuple[int, int], shift: bool, heads: int, scale: float, *, block: Block = None,
                   windows_per_program: int | None = None) -> tuple[Tensor, Tensor]:
     """Gradients of `rwin_attn_fwd`: dqkv (B, H*W, 3C) in qkv's dtype and dbias (2, M, hb) in bias_table's.
 
@@ -483,7 +492,7 @@ def rwin_attn_bwd(dout: Tensor, qkv: Tensor, bias_table: Tensor, out: Tensor, ls
         dout: (B, H*W, C), any strides. out, lse: the forward's outputs.
 
     Performance:
-        block: query and key tile of every kernel (power of two >= 16); default as in `rwin_attn_fwd`.
+        block: query and key tiles of every kernel, as in `rwin_attn_fwd`.
         windows_per_program: windows each d(bias) program loops over (default: ~512 programs on a GPU).
             Fewer windows per program means more (N, N) fp32 partials of the bias gradient to write and sum.
     """
