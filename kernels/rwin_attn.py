@@ -13,19 +13,21 @@ Changes against a plain windowed flash kernel:
   logit) and are never stored. Shift regions (-100 across regions) come from the rolled padded coordinates.
 - The relative-position bias is gathered from the (M, hb) table per score tile, never expanded per window.
 - Backward: dq, dk, dv land in the same token layout (each real token lies in exactly one window, so no zero
-  fill). d(bias) sums dS over all windows and images. The dq kernel sees whole key rows of a window, so it
-  keeps a query tile's dS summed over a chunk of windows in registers and writes one (N, N) fp32 partial per
-  chunk; the host sums the partials in a fixed order and folds them onto the table by relative offset. No
-  atomics: the gradients are deterministic.
+  fill). Three kernels, each holding only (query tile x key tile) score tiles so none spills on sm_90: dk/dv
+  (a key tile, looping over query tiles), dq (a query tile, looping over key tiles) and d(bias), which sums
+  dS over all windows and images: each program owns one (query, key) tile of window-local positions,
+  recomputes dS there for a chunk of windows and writes one (N, N) fp32 partial per chunk; the host sums
+  the partials in a fixed order and folds them onto the table by relative offset. No atomics: the gradients
+  are deterministic. Tiles and warps per kernel and dtype: CONFIGS.
 
-Limits: head dim <= 64 (padded in-kernel to a power of two >= 16); windows of s0*s1 <= 256 tokens (the dq
-kernel holds full key rows); max(split) a multiple of min(split); fp32 (IEEE dots, no TF32), fp16, bf16; no
-dropout.
+Limits: head dim <= 64 (padded in-kernel to a power of two >= 16); windows of s0*s1 <= 256 tokens (the
+d(bias) partials grow as N^2); max(split) a multiple of min(split); fp32 (IEEE dots, no TF32), fp16, bf16;
+no dropout.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -89,6 +91,66 @@ def _load_rows(Base, tok, real, stride_m, stride_c, ch, d, D):
 
 
 @triton.jit
+def _branch_head(br, head, S0: tl.constexpr, S1: tl.constexpr, C, D):
+    """Window height, width and the head's first channel inside q (k: + C, v: + 2C) of a branch: branch 0
+    has S0 x S1 windows on channels [0, C/2), branch 1 S1 x S0 on [C/2, C)."""
+    return S0 + (S1 - S0) * br, S1 + (S0 - S1) * br, br * (C // 2) + head * D
+
+
+@triton.jit
+def _window_program(TILES: tl.constexpr, QKV, Bias, stride_qz, stride_bt, stride_bh, H, W, C, HB, D,
+                    S0: tl.constexpr, S1: tl.constexpr):
+    """Program (window * TILES + tile, head, image * 2 + branch) -> (tile, window, image (int64), window height
+    and width, the head's first q channel, the image's qkv, the head's bias table, its row of Lse and Delta)."""
+    head = tl.program_id(1)
+    zb = tl.program_id(2)
+    hs, ws, ch = _branch_head(zb % 2, head, S0, S1, C, D)
+    z = (zb // 2).to(tl.int64)
+    return (tl.program_id(0) % TILES, tl.program_id(0) // TILES, z, hs, ws, ch, QKV + z * stride_qz,
+            Bias + (zb % 2) * stride_bt + head * stride_bh, (zb * HB + head).to(tl.int64) * (H * W))
+
+
+@triton.jit
+def _logits(a, b, bias, reg_a, reg_b, SHIFT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """(len(a), len(b)) logits a b^T + bias, with the shift mask between tokens of different regions."""
+    s = tl.dot(a, tl.trans(b), input_precision=DOT_PREC) + bias
+    if SHIFT:
+        s = tl.where(reg_a[:, None] == reg_b[None, :], s, s + MASK_VALUE)
+    return s
+
+
+@triton.jit
+def _query_side(Base, DOz, Lse, Delta, Stats, tok_q, real_q, stride_qm, stride_qc, stride_dm, stride_dc,
+                ch, d, D, scale):
+    """What the backward needs of a query tile: q * scale (in q's dtype, as the reference), dout, lse and
+    Delta. Padded queries get lse = +inf, so their P = 0: their outputs were dropped, they send no gradient."""
+    q = _load_rows(Base, tok_q, real_q, stride_qm, stride_qc, ch, d, D)
+    q = (q.to(tl.float32) * scale).to(q.dtype)
+    do = _load_rows(DOz, tok_q, real_q, stride_dm, stride_dc, ch, d, D)
+    lse = tl.load(Lse + Stats + tok_q, mask=real_q, other=float("inf"))
+    delta = tl.load(Delta + Stats + tok_q, mask=real_q, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
+def _key_side(Base, BiasH, stride_qm, stride_qc, stride_bm, tk, code_q, win, hs, ws, H, W, Hp, Wp, C, ch, d, D,
+              N: tl.constexpr, EVEN: tl.constexpr, SHIFT: tl.constexpr):
+    """What a query tile (bias codes code_q) needs of the key tile tk of window `win`: k, v, the fp32 bias
+    tile (queries x keys) and the keys' shift regions."""
+    tok_k, real_k, code_k, reg_k = _window_tokens(tk, win, hs, ws, H, W, Hp, Wp, N, EVEN, SHIFT)
+    k = _load_rows(Base, tok_k, real_k, stride_qm, stride_qc, C + ch, d, D)
+    v = _load_rows(Base, tok_k, real_k, stride_qm, stride_qc, 2 * C + ch, d, D)
+    return k, v, _bias_tile(BiasH, stride_bm, code_q[:, None] - code_k[None, :], hs, ws), reg_k
+
+
+@triton.jit
+def _grad_logits(q, k, v, do, lse, delta, bias, reg_q, reg_k, SHIFT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dS = P (dout v^T - Delta) of a (query, key) tile, P = exp(S - lse) recomputed from the logits S."""
+    p = tl.exp(_logits(q, k, bias, reg_q, reg_k, SHIFT, DOT_PREC) - lse[:, None])
+    return p * (tl.dot(do, tl.trans(v), input_precision=DOT_PREC) - delta[:, None])
+
+
+@triton.jit
 def _rwin_attn_fwd_kernel(
     QKV, Bias, Out, Lse,
     stride_qz, stride_qm, stride_qc, stride_bt, stride_bm, stride_bh, stride_oz, stride_om,
@@ -101,20 +163,10 @@ def _rwin_attn_fwd_kernel(
     Out_i = sum_j softmax_j((q_i * scale) . k_j + bias(i, j) + mask_ij) v_j, online softmax over key tiles.
     Saves Lse (B, 2, hb, H*W) fp32, the logsumexp of each real query's logits, for the backward.
     """
-    M_TILES = (N + BLOCK_M - 1) // BLOCK_M
-    head = tl.program_id(1)
-    zb = tl.program_id(2)  # image * 2 + branch
-    br = zb % 2
-    hs = S0 + (S1 - S0) * br  # branch 0: S0 x S1 windows, branch 1: S1 x S0
-    ws = S1 + (S0 - S1) * br
-    win = tl.program_id(0) // M_TILES
-    z = (zb // 2).to(tl.int64)
-    ch = br * (C // 2) + head * D  # first channel of this head inside q (k: + C, v: + 2C)
+    tile, win, z, hs, ws, ch, Base, BiasH, Stats = _window_program(
+        (N + BLOCK_M - 1) // BLOCK_M, QKV, Bias, stride_qz, stride_bt, stride_bh, H, W, C, HB, D, S0, S1)
     d = tl.arange(0, BLOCK_D)
-    Base = QKV + z * stride_qz
-    BiasH = Bias + br * stride_bt + head * stride_bh
-
-    tq = (tl.program_id(0) % M_TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tq = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     tok_q, real_q, code_q, reg_q = _window_tokens(tq, win, hs, ws, H, W, Hp, Wp, N, EVEN, SHIFT)
     q = _load_rows(Base, tok_q, real_q, stride_qm, stride_qc, ch, d, D)
     q = (q.to(tl.float32) * scale).to(q.dtype)  # the reference scales q before q k^T, in q's dtype
@@ -124,13 +176,9 @@ def _rwin_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, N, BLOCK_N):
         tk = start + tl.arange(0, BLOCK_N)
-        tok_k, real_k, code_k, reg_k = _window_tokens(tk, win, hs, ws, H, W, Hp, Wp, N, EVEN, SHIFT)
-        k = _load_rows(Base, tok_k, real_k, stride_qm, stride_qc, C + ch, d, D)
-        v = _load_rows(Base, tok_k, real_k, stride_qm, stride_qc, 2 * C + ch, d, D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        s += _bias_tile(BiasH, stride_bm, code_q[:, None] - code_k[None, :], hs, ws)
-        if SHIFT:
-            s = tl.where(reg_q[:, None] == reg_k[None, :], s, s + MASK_VALUE)
+        k, v, bias, reg_k = _key_side(Base, BiasH, stride_qm, stride_qc, stride_bm, tk, code_q, win, hs, ws, H, W,
+                                      Hp, Wp, C, ch, d, D, N, EVEN, SHIFT)
+        s = _logits(q, k, bias, reg_q, reg_k, SHIFT, DOT_PREC)
         if not EVEN:
             s = tl.where((tk < N)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -143,7 +191,7 @@ def _rwin_attn_fwd_kernel(
     out = acc / l_i[:, None]
     optrs = Out + z * stride_oz + tok_q[:, None] * stride_om + (ch + d)[None, :]
     tl.store(optrs, out.to(Out.dtype.element_ty), mask=real_q[:, None] & (d < D)[None, :])
-    tl.store(Lse + (zb * HB + head).to(tl.int64) * (H * W) + tok_q, m_i + tl.log(l_i), mask=real_q)
+    tl.store(Lse + Stats + tok_q, m_i + tl.log(l_i), mask=real_q)
 
 
 @triton.jit
@@ -177,24 +225,12 @@ def _rwin_attn_bwd_dkdv_kernel(
     """One program: dk, dv of BLOCK_N keys of one (window, head, image, branch), looping over its queries.
 
     With P = exp(S - lse) recomputed: dv_j = sum_i P_ij dout_i; dS_ij = P_ij (dout_i . v_j - Delta_i);
-    dk_j = sum_i dS_ij (q_i * scale). Works on (keys x queries) tiles so dk, dv need no transpose. Padded
-    queries load lse = +inf, so P = 0: their outputs were dropped and they send no gradient.
+    dk_j = sum_i dS_ij (q_i * scale). Works on (keys x queries) tiles so dk, dv need no transpose.
     """
-    N_TILES = (N + BLOCK_N - 1) // BLOCK_N
-    head = tl.program_id(1)
-    zb = tl.program_id(2)
-    br = zb % 2
-    hs = S0 + (S1 - S0) * br
-    ws = S1 + (S0 - S1) * br
-    win = tl.program_id(0) // N_TILES
-    z = (zb // 2).to(tl.int64)
-    ch = br * (C // 2) + head * D
+    tile, win, z, hs, ws, ch, Base, BiasH, Stats = _window_program(
+        (N + BLOCK_N - 1) // BLOCK_N, QKV, Bias, stride_qz, stride_bt, stride_bh, H, W, C, HB, D, S0, S1)
     d = tl.arange(0, BLOCK_D)
-    Base = QKV + z * stride_qz
-    BiasH = Bias + br * stride_bt + head * stride_bh
-    Stats = (zb * HB + head).to(tl.int64) * (H * W)  # row of Lse and Delta
-
-    tk = (tl.program_id(0) % N_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tk = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     tok_k, real_k, code_k, reg_k = _window_tokens(tk, win, hs, ws, H, W, Hp, Wp, N, EVEN, SHIFT)
     k = _load_rows(Base, tok_k, real_k, stride_qm, stride_qc, C + ch, d, D)
     v = _load_rows(Base, tok_k, real_k, stride_qm, stride_qc, 2 * C + ch, d, D)
@@ -203,16 +239,10 @@ def _rwin_attn_bwd_dkdv_kernel(
     for start in range(0, N, BLOCK_M):
         tq = start + tl.arange(0, BLOCK_M)
         tok_q, real_q, code_q, reg_q = _window_tokens(tq, win, hs, ws, H, W, Hp, Wp, N, EVEN, SHIFT)
-        q = _load_rows(Base, tok_q, real_q, stride_qm, stride_qc, ch, d, D)
-        q = (q.to(tl.float32) * scale).to(q.dtype)
-        do = _load_rows(DO + z * stride_dz, tok_q, real_q, stride_dm, stride_dc, ch, d, D)
-        lse = tl.load(Lse + Stats + tok_q, mask=real_q, other=float("inf"))
-        delta = tl.load(Delta + Stats + tok_q, mask=real_q, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
-        st += _bias_tile(BiasH, stride_bm, code_q[None, :] - code_k[:, None], hs, ws)
-        if SHIFT:
-            st = tl.where(reg_k[:, None] == reg_q[None, :], st, st + MASK_VALUE)
-        pt = tl.exp(st - lse[None, :])
+        q, do, lse, delta = _query_side(Base, DO + z * stride_dz, Lse, Delta, Stats, tok_q, real_q, stride_qm,
+                                        stride_qc, stride_dm, stride_dc, ch, d, D, scale)
+        bias = _bias_tile(BiasH, stride_bm, code_q[None, :] - code_k[:, None], hs, ws)
+        pt = tl.exp(_logits(k, q, bias, reg_k, reg_q, SHIFT, DOT_PREC) - lse[None, :])
         dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dst = pt * (dpt - delta[None, :])
@@ -226,68 +256,121 @@ def _rwin_attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _rwin_attn_bwd_dq_kernel(
-    QKV, Bias, DO, Lse, Delta, DQKV, G,
+    QKV, Bias, DO, Lse, Delta, DQKV,
     stride_qz, stride_qm, stride_qc, stride_bt, stride_bm, stride_bh, stride_dz, stride_dm, stride_dc,
     stride_gz, stride_gm,
+    H, W, Hp, Wp, C, HB, D, scale,
+    S0: tl.constexpr, S1: tl.constexpr, N: tl.constexpr, SHIFT: tl.constexpr, EVEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """One program: dq of BLOCK_M queries of one (window, head, image, branch), looping over key tiles:
+    dq_i = scale * sum_j dS_ij k_j."""
+    tile, win, z, hs, ws, ch, Base, BiasH, Stats = _window_program(
+        (N + BLOCK_M - 1) // BLOCK_M, QKV, Bias, stride_qz, stride_bt, stride_bh, H, W, C, HB, D, S0, S1)
+    d = tl.arange(0, BLOCK_D)
+    tq = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok_q, real_q, code_q, reg_q = _window_tokens(tq, win, hs, ws, H, W, Hp, Wp, N, EVEN, SHIFT)
+    q, do, lse, delta = _query_side(Base, DO + z * stride_dz, Lse, Delta, Stats, tok_q, real_q, stride_qm,
+                                    stride_qc, stride_dm, stride_dc, ch, d, D, scale)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, N, BLOCK_N):
+        tk = start + tl.arange(0, BLOCK_N)
+        k, v, bias, reg_k = _key_side(Base, BiasH, stride_qm, stride_qc, stride_bm, tk, code_q, win, hs, ws, H, W,
+                                      Hp, Wp, C, ch, d, D, N, EVEN, SHIFT)
+        ds = _grad_logits(q, k, v, do, lse, delta, bias, reg_q, reg_k, SHIFT, DOT_PREC)
+        if not EVEN:  # keys past N wrap onto real tokens: drop them
+            ds = tl.where((tk < N)[None, :], ds, 0.0)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+
+    ptrs = DQKV + z * stride_gz + tok_q[:, None] * stride_gm + (ch + d)[None, :]
+    tl.store(ptrs, (dq * scale).to(DQKV.dtype.element_ty), mask=real_q[:, None] & (d < D)[None, :])
+
+
+@triton.jit
+def _rwin_attn_bwd_dbias_kernel(
+    QKV, Bias, DO, Lse, Delta, G,
+    stride_qz, stride_qm, stride_qc, stride_bt, stride_bm, stride_bh, stride_dz, stride_dm, stride_dc,
     H, W, Hp, Wp, C, HB, D, scale, n_win, n_total, per_chunk,
     S0: tl.constexpr, S1: tl.constexpr, N: tl.constexpr, SHIFT: tl.constexpr, EVEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """One program: dq of BLOCK_M queries of one (head, branch) in each of a chunk of `per_chunk` windows
-    (numbered over images x windows), against the window's whole key range at once (BLOCK_K >= N).
+    """One program: G[chunk, br, h, i, j] = sum of dS_ij over a chunk of `per_chunk` windows (numbered over
+    images x windows) for a BLOCK_M x BLOCK_N tile of window-local (query i, key j) positions.
 
-    dq_i = scale * sum_j dS_ij k_j. Also writes G[chunk, br, h, i, j], the sum of dS_ij over the chunk's
-    windows, from which the host forms d(bias_table). Whole key rows are what lets it live in registers.
+    The host sums the chunks' partials in a fixed order and folds them onto the bias table: no atomics, a
+    deterministic gradient. dS is recomputed (two dots and an exp per pair) rather than kept beside dq: a
+    program that owns one (i, j) tile over many windows holds only that tile, never a whole key row.
     """
+    N_TILES = (N + BLOCK_N - 1) // BLOCK_N
     head = tl.program_id(1)
     chunk = tl.program_id(2) // 2
     br = tl.program_id(2) % 2
-    hs = S0 + (S1 - S0) * br
-    ws = S1 + (S0 - S1) * br
-    ch = br * (C // 2) + head * D
+    hs, ws, ch = _branch_head(br, head, S0, S1, C, D)
     d = tl.arange(0, BLOCK_D)
-    tq = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    tk = tl.arange(0, BLOCK_K)
+    tq = (tl.program_id(0) // N_TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tk = (tl.program_id(0) % N_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
     # The bias depends only on window-local positions (the codes of window 0): gather it once per program.
     _, _, code_q, _ = _window_tokens(tq, 0, hs, ws, H, W, Hp, Wp, N, EVEN, SHIFT)
     _, _, code_k, _ = _window_tokens(tk, 0, hs, ws, H, W, Hp, Wp, N, EVEN, SHIFT)
     bias = _bias_tile(Bias + br * stride_bt + head * stride_bh, stride_bm, code_q[:, None] - code_k[None, :],
                       hs, ws)
-    if not EVEN:
-        bias = tl.where((tk < N)[None, :], bias, float("-inf"))
 
-    g = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     w_lo = chunk * per_chunk
     for wa in range(w_lo, tl.minimum(w_lo + per_chunk, n_total)):
         z = (wa // n_win).to(tl.int64)
         win = wa % n_win
         Base = QKV + z * stride_qz
-        Stats = ((z * 2 + br) * HB + head) * (H * W)
         tok_q, real_q, _, reg_q = _window_tokens(tq, win, hs, ws, H, W, Hp, Wp, N, EVEN, SHIFT)
         tok_k, real_k, _, reg_k = _window_tokens(tk, win, hs, ws, H, W, Hp, Wp, N, EVEN, SHIFT)
-        q = _load_rows(Base, tok_q, real_q, stride_qm, stride_qc, ch, d, D)
-        q = (q.to(tl.float32) * scale).to(q.dtype)
+        q, do, lse, delta = _query_side(Base, DO + z * stride_dz, Lse, Delta, ((z * 2 + br) * HB + head) * (H * W),
+                                        tok_q, real_q, stride_qm, stride_qc, stride_dm, stride_dc, ch, d, D,
+                                        scale)
         k = _load_rows(Base, tok_k, real_k, stride_qm, stride_qc, C + ch, d, D)
         v = _load_rows(Base, tok_k, real_k, stride_qm, stride_qc, 2 * C + ch, d, D)
-        do = _load_rows(DO + z * stride_dz, tok_q, real_q, stride_dm, stride_dc, ch, d, D)
-        lse = tl.load(Lse + Stats + tok_q, mask=real_q, other=float("inf"))
-        delta = tl.load(Delta + Stats + tok_q, mask=real_q, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) + bias
-        if SHIFT:
-            s = tl.where(reg_q[:, None] == reg_k[None, :], s, s + MASK_VALUE)
-        p = tl.exp(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC) * scale
-        ptrs = DQKV + z * stride_gz + tok_q[:, None] * stride_gm + (ch + d)[None, :]
-        tl.store(ptrs, dq.to(DQKV.dtype.element_ty), mask=real_q[:, None] & (d < D)[None, :])
-        g += ds
+        g += _grad_logits(q, k, v, do, lse, delta, bias, reg_q, reg_k, SHIFT, DOT_PREC)
 
     Gh = G + ((chunk * 2 + br) * HB + head).to(tl.int64) * (N * N)
     tl.store(Gh + tq[:, None] * N + tk[None, :], g, mask=(tq < N)[:, None] & (tk < N)[None, :])
 
 
 # ----------------------------------------------------------------------------------------- launchers
+
+
+Block = int | tuple[int, int] | None  # a launcher's tile override: one size, or (queries, keys)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Tiles and launch shape of one kernel: BLOCK_M queries x BLOCK_N keys per tile."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int = 2
+
+    def kwargs(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.num_warps,
+                    num_stages=self.num_stages)
+
+
+# CONFIGS[kernel][fp32?]: the launchers' default first, then the candidates for autotuning on a GPU, for
+# RGT's windows (8x32, head dim 30). Pruned by the sm_90 compiler (ptxas -v, Triton 3.6 and 3.9, every RGT-S
+# workload, shifted and not): none of these spills, but for two fp32 exceptions, and fp16/bf16 dots run on
+# tensor cores (wgmma for 64-row tiles, mma.sync for 32). fp32 lists are short: IEEE dots compile to FFMA
+# with a larger register footprint, and every other tile tried spilled on one Triton version or the other.
+# Exceptions (spill stores/loads per thread): the fp32 forward on Triton 3.6, whose ptxas gives it 128
+# registers, 20/20 B (0 on 3.9; each alternative tried there spills on the shifted or the unshifted blocks,
+# 8 B to 5 KB); the fp32 unshifted dk/dv on Triton 3.9 for maps whose sides are not multiples of 16 (the
+# padded 250x250 and 750x1000 inference, where the backward never runs), 28/28 B (0 on 3.6).
+# d(bias) runs one software-pipelining stage: the second stage's prefetched gathers cost registers and spill.
+CONFIGS = {
+    "fwd": {False: [Config(64, 64, 8), Config(64, 32, 4), Config(32, 64, 4)], True: [Config(64, 64, 8)]},
+    "dkdv": {False: [Config(64, 64, 8), Config(32, 64, 4), Config(64, 32, 4)], True: [Config(64, 32, 4)]},
+    "dq": {False: [Config(64, 64, 8), Config(64, 32, 4), Config(32, 64, 4)], True: [Config(64, 64, 8)]},
+    "dbias": {False: [Config(64, 32, 4, 1), Config(64, 64, 8, 1), Config(32, 32, 4, 1)],
+              True: [Config(64, 64, 8, 1), Config(32, 32, 4, 1)]},
+}
 
 
 @dataclass(frozen=True)
@@ -325,14 +408,19 @@ class Geometry:
                     BLOCK_D=max(16, triton.next_power_of_2(self.D)),
                     DOT_PREC="ieee" if dtype == torch.float32 else "tf32")  # fp32 must not round to TF32
 
-    def tile(self, block: int | None, gpu_default: int) -> int:
-        """Token tile: `block` if given, else `gpu_default` on a GPU and the whole window in the interpreter
-        (whose cost is per op, not per element), capped at the window."""
-        if block is None:
-            block = self.window_block if INTERPRET else gpu_default
-        if block < 16 or block & (block - 1):
-            raise ValueError(f"block must be a power of two >= 16, got {block}")
-        return min(block, self.window_block)
+    def config(self, kernel: str, dtype: torch.dtype, block: Block) -> Config:
+        """Launch config of `kernel`: CONFIGS' default on a GPU, or the tiles `block` if given, or the whole
+        window in the interpreter (whose cost is per op, not per element); tiles capped at the window."""
+        cfg = CONFIGS[kernel][dtype == torch.float32][0]
+        if block is None and INTERPRET:
+            block = self.window_block
+        if block is not None:
+            bm, bn = (block, block) if isinstance(block, int) else block
+            if min(bm, bn) < 16 or bm & (bm - 1) or bn & (bn - 1):
+                raise ValueError(f"block must be powers of two >= 16, got {block}")
+            cfg = replace(cfg, block_m=bm, block_n=bn)
+        return replace(cfg, block_m=min(cfg.block_m, self.window_block),
+                       block_n=min(cfg.block_n, self.window_block))
 
 
 def check_inputs(qkv: Tensor, bias_table: Tensor, H: int, W: int, split: tuple[int, int],
@@ -373,7 +461,7 @@ def check_inputs(qkv: Tensor, bias_table: Tensor, H: int, W: int, split: tuple[i
 
 
 def rwin_attn_fwd(qkv: Tensor, bias_table: Tensor, H: int, W: int, split: tuple[int, int], shift: bool,
-                  heads: int, scale: float, *, block: int | None = None) -> tuple[Tensor, Tensor]:
+                  heads: int, scale: float, *, block: Block = None) -> tuple[Tensor, Tensor]:
     """Fused L-SA attention of both branches, with the semantics of `rgt.ops.reference.rwin_attention`.
 
     Args:
@@ -382,24 +470,24 @@ def rwin_attn_fwd(qkv: Tensor, bias_table: Tensor, H: int, W: int, split: tuple[
         out: (B, H*W, C) contiguous, qkv's dtype. lse: (B, 2, heads // 2, H*W) fp32, kept for the backward.
 
     Performance:
-        block: query and key tile (power of two >= 16); default 64 on a GPU, the whole window interpreted.
+        block: query and key tile (powers of two >= 16): one size for both or (queries, keys); default
+            CONFIGS' on a GPU, the whole window interpreted.
     """
     g = check_inputs(qkv, bias_table, H, W, split, heads)
     out = qkv.new_empty((g.B, H * W, g.C))
     lse = qkv.new_empty((g.B, 2, g.hb, H * W), dtype=torch.float32)
     if g.B == 0:
         return out, lse
-    tile = g.tile(block, 64)
-    launch(_rwin_attn_fwd_kernel)[(g.n_win * triton.cdiv(g.N, tile), g.hb, 2 * g.B)](
+    cfg = g.config("fwd", qkv.dtype, block)
+    launch(_rwin_attn_fwd_kernel)[(g.n_win * triton.cdiv(g.N, cfg.block_m), g.hb, 2 * g.B)](
         qkv, bias_table, out, lse, *qkv.stride(), *bias_table.stride(), out.stride(0), out.stride(1),
-        *g.args(scale), BLOCK_M=tile, BLOCK_N=tile, **g.constexprs(shift, qkv.dtype),
-        num_warps=4, num_stages=2,
+        *g.args(scale), **cfg.kwargs(), **g.constexprs(shift, qkv.dtype),
     )
     return out, lse
 
 
 def rwin_attn_bwd(dout: Tensor, qkv: Tensor, bias_table: Tensor, out: Tensor, lse: Tensor, H: int, W: int,
-                  split: tuple[int, int], shift: bool, heads: int, scale: float, *, block: int | None = None,
+                  split: tuple[int, int], shift: bool, heads: int, scale: float, *, block: Block = None,
                   windows_per_program: int | None = None) -> tuple[Tensor, Tensor]:
     """Gradients of `rwin_attn_fwd`: dqkv (B, H*W, 3C) in qkv's dtype and dbias (2, M, hb) in bias_table's.
 
@@ -407,34 +495,37 @@ def rwin_attn_bwd(dout: Tensor, qkv: Tensor, bias_table: Tensor, out: Tensor, ls
         dout: (B, H*W, C), any strides. out, lse: the forward's outputs.
 
     Performance:
-        block: tile of the dk/dv kernel (default 64 on a GPU); the dq kernel uses half of it for queries.
-        windows_per_program: windows each dq program loops over (default: ~512 programs on a GPU).
+        block: query and key tiles of every kernel, as in `rwin_attn_fwd`.
+        windows_per_program: windows each d(bias) program loops over (default: ~512 programs on a GPU).
             Fewer windows per program means more (N, N) fp32 partials of the bias gradient to write and sum.
     """
     g = check_inputs(qkv, bias_table, H, W, split, heads)
     dout = dout.to(qkv.dtype)
     dqkv = qkv.new_empty((g.B, H * W, 3 * g.C))
     n_total = g.B * g.n_win
-    tile = g.tile(block, 64)
-    tile_dq = tile if INTERPRET and block is None else max(16, tile // 2)  # holds (tile_dq, window) tiles
+    cfg = {name: g.config(name, qkv.dtype, block) for name in ("dkdv", "dq", "dbias")}
+    bias_tiles = triton.cdiv(g.N, cfg["dbias"].block_m) * triton.cdiv(g.N, cfg["dbias"].block_n)
     per_chunk = windows_per_program
     if per_chunk is None:  # ~512 programs on a GPU; 2 chunks interpreted, where each program costs ~0.1 s
-        chunks = 2 if INTERPRET else 512 // (triton.cdiv(g.N, tile_dq) * 2 * g.hb)
+        chunks = 2 if INTERPRET else 512 // (bias_tiles * 2 * g.hb)
         per_chunk = triton.cdiv(n_total, max(1, min(n_total, chunks)))
     per_chunk = max(1, per_chunk)
     partials = qkv.new_empty((triton.cdiv(n_total, per_chunk), 2, g.hb, g.N, g.N), dtype=torch.float32)
     if n_total > 0:
         delta = torch.empty_like(lse)
         _delta(g, out, dout, delta)
-        strides = (*qkv.stride(), *bias_table.stride(), *dout.stride(), dqkv.stride(0), dqkv.stride(1))
+        ins = (qkv, bias_table, dout, lse, delta)
+        strides = (*qkv.stride(), *bias_table.stride(), *dout.stride())
         consts = g.constexprs(shift, qkv.dtype)
-        launch(_rwin_attn_bwd_dkdv_kernel)[(g.n_win * triton.cdiv(g.N, tile), g.hb, 2 * g.B)](
-            qkv, bias_table, dout, lse, delta, dqkv, *strides, *g.args(scale),
-            BLOCK_M=tile, BLOCK_N=tile, **consts, num_warps=4, num_stages=2,
-        )
-        launch(_rwin_attn_bwd_dq_kernel)[(triton.cdiv(g.N, tile_dq), g.hb, 2 * partials.shape[0])](
-            qkv, bias_table, dout, lse, delta, dqkv, partials, *strides, *g.args(scale), g.n_win, n_total,
-            per_chunk, BLOCK_M=tile_dq, BLOCK_K=g.window_block, **consts, num_warps=8, num_stages=2,
+        for name, kernel in (("dkdv", _rwin_attn_bwd_dkdv_kernel), ("dq", _rwin_attn_bwd_dq_kernel)):
+            tiles = triton.cdiv(g.N, cfg[name].block_n if name == "dkdv" else cfg[name].block_m)
+            launch(kernel)[(g.n_win * tiles, g.hb, 2 * g.B)](
+                *ins, dqkv, *strides, dqkv.stride(0), dqkv.stride(1), *g.args(scale), **cfg[name].kwargs(),
+                **consts,
+            )
+        launch(_rwin_attn_bwd_dbias_kernel)[(bias_tiles, g.hb, 2 * partials.shape[0])](
+            *ins, partials, *strides, *g.args(scale), g.n_win, n_total, per_chunk, **cfg["dbias"].kwargs(),
+            **consts,
         )
     dbias = fold_bias_grad(partials.sum(0), g.s0, g.s1)  # chunks summed in a fixed order: deterministic
     return dqkv, dbias.to(bias_table.dtype)

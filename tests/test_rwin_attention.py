@@ -80,18 +80,42 @@ def test_fp32_matches_float64_reference(case):
     assert_fp32_matches(case_id, run(fused, qkv.float(), bias.float(), dout.float(), *args), want)
 
 
-def test_small_tiles_and_window_chunks_match():
-    """The GPU's multi-tile loops (2 query and key tiles per window here) and uneven chunks of windows for the
-    bias-gradient partials (3 + 1 windows), through the launchers."""
-    B, H, W, split, heads, D = 1, 8, 16, (4, 8), 2, 6
-    qkv, bias, dout = make_inputs("small-tiles", B, H, W, split, heads, D)
+@pytest.mark.parametrize(
+    "split, block, per_chunk",
+    [((4, 8), 16, 3), ((4, 8), (16, 32), 2), ((4, 8), (32, 16), 4), ((3, 6), (16, 32), 3)],
+    ids=["4x8-16", "4x8-16x32", "4x8-32x16", "3x6-16x32"],
+)
+def test_small_tiles_and_window_chunks_match(split, block, per_chunk):
+    """The GPU's multi-tile loops (2 query or key tiles per window here; unequal query and key tiles as some
+    CONFIGS have; a last tile past an odd window's end) and uneven chunks of windows for the bias-gradient
+    partials (e.g. 3 + 1 windows), through the launchers."""
+    B, H, W, heads, D = 1, 8, 16, 2, 6
+    qkv, bias, dout = make_inputs(f"small-tiles-{split}", B, H, W, split, heads, D)
     args = (H, W, split, True, heads, D**-0.5)
     want = run(reference.rwin_attention, qkv, bias, dout, *args)
     q32, b32 = qkv.float(), bias.float()
-    out, lse = rwin_attn.rwin_attn_fwd(q32, b32, *args, block=16)
-    dqkv, dbias = rwin_attn.rwin_attn_bwd(dout.float(), q32, b32, out, lse, *args, block=16,
-                                          windows_per_program=3)
+    out, lse = rwin_attn.rwin_attn_fwd(q32, b32, *args, block=block)
+    dqkv, dbias = rwin_attn.rwin_attn_bwd(dout.float(), q32, b32, out, lse, *args, block=block,
+                                          windows_per_program=per_chunk)
     assert_fp32_matches("small-tiles", (out, dqkv, dbias), want)
+
+
+def test_configs_are_valid_tiles():
+    """Every launch config (default and autotuning candidates) has power-of-two tiles >= 16 (tl.dot) and a
+    sane launch shape, for every kernel and both dot kinds."""
+    for kernel, by_kind in rwin_attn.CONFIGS.items():
+        assert set(by_kind) == {False, True}, kernel
+        for cfg in (c for configs in by_kind.values() for c in configs):
+            for size in (cfg.block_m, cfg.block_n):
+                assert size >= 16 and size & (size - 1) == 0, (kernel, cfg)
+            assert cfg.num_warps in (4, 8) and cfg.num_stages in (1, 2), (kernel, cfg)
+
+
+@pytest.mark.parametrize("block", [24, (16, 8), (32, 48)])
+def test_bad_tiles_raise(block):
+    qkv, bias = torch.zeros(1, 64, 24), torch.zeros(2, 105, 1)
+    with pytest.raises(ValueError, match="block must be powers of two >= 16"):
+        rwin_attn.rwin_attn_fwd(qkv, bias, 8, 8, (4, 8), False, 2, 0.5, block=block)
 
 
 def test_fp16_within_twice_the_reference_error():
