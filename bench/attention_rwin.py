@@ -23,7 +23,7 @@ Models: FLOPs = 4 * B * nW * h * N^2 * d forward over both branches (nW windows 
 padded map, h = 3 heads per branch, d = 30), backward 2.5x (flash-attention's convention). Minimum bytes:
 forward reads qkv and writes out (4C per token); backward reads qkv, out, dout and writes dqkv (8C per
 token); GB/s = minimum bytes / time. Exp bound: B*nW*2h*N^2 exponentials per pass over the scores at the
-GPU's MUFU rate; 1 pass forward, 3 fwd+bwd (the fused backward recomputes P in its dk/dv and dq kernels).
+GPU's MUFU rate; 1 pass forward, 4 fwd+bwd (the fused backward recomputes P in its dk/dv, dq and d(bias) kernels).
 Without CUDA: a small correctness-only pass (fused kernels in the Triton interpreter, fp32), nothing timed.
 """
 
@@ -193,7 +193,7 @@ def models(shape, mode, dtype) -> dict:
     elt = torch.tensor([], dtype=dtype).element_size()
     return {"flop": fwd if mode == "fwd" else 3.5 * fwd,
             "bytes": B * H * W * Cq * elt * (4 if mode == "fwd" else 12),
-            "exps": B * nW * heads * N * N * (1 if mode == "fwd" else 3)}
+            "exps": B * nW * heads * N * N * (1 if mode == "fwd" else 4)}
 
 
 def record(name, mode, shape_name, shape, dtype) -> dict:

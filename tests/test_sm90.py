@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import triton
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -24,8 +25,14 @@ import _sm90_compile  # noqa: E402
 
 SMEM_LIMIT = _sm90_compile.SM90_SMEM_LIMIT
 FP32_GATED = ("train-64x64-b8", "infer-256x256")
-# fp32 variants allowed to spill, each with its measured bytes/thread (spill stores, loads) and the reason.
-FP32_SPILL_EXCEPTIONS: dict[str, tuple[int, int, str]] = {}
+TRITON = ".".join(triton.__version__.split(".")[:2])
+# fp32 variants allowed to spill, by (kernel, Triton version): measured bytes/thread (spill stores, loads), reason.
+FP32_SPILL_EXCEPTIONS: dict[tuple[str, str], tuple[int, int, str]] = {
+    ("_rwin_attn_fwd_kernel", "3.6"): (
+        20, 20, "Triton 3.6's ptxas caps the fp32 forward (64x64 tiles, 8 warps) at 128 registers; the same config "
+                "is spill-free on 3.9, and every other tile tried on 3.6 spills 8 B to 5 KB on shifted or unshifted "
+                "blocks; fp32 attention is not the training path (bf16 autocast is)"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +78,7 @@ def test_no_spills_where_users_run(variants):
         if not r["compiled"] or _spills(r) == (0, 0):
             continue
         gated = r["dtype"] != "fp32" or set(r["launches_per_step"]) & set(FP32_GATED)
-        allowed = FP32_SPILL_EXCEPTIONS.get(r["kernel"]) if r["dtype"] == "fp32" else None
+        allowed = FP32_SPILL_EXCEPTIONS.get((r["kernel"], TRITON)) if r["dtype"] == "fp32" else None
         if gated and not (allowed and _spills(r) <= allowed[:2]):
             bad.append(f"{_name(r)} ({', '.join(r['launches_per_step'])}): spills {_spills(r)} B/thread, "
                        f"{r['registers']} registers")
