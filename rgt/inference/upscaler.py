@@ -31,9 +31,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 from rgt.arch import RGT
-from rgt.checkpoint import read_state_dict
+from rgt.checkpoint import read_checkpoint
 from rgt.data.resize import imresize
-from rgt.detect import load_model, resolve_config
+from rgt.detect import build_model, resolve_config
 from rgt.inference.tiling import MIN_TILE, pad_to_valid, tiled_forward
 from rgt.inference.tta import tta_forward
 
@@ -102,9 +102,9 @@ class Upscaler:
             if kernels is not None:
                 net.set_kernels(kernels)
         else:
-            sd = read_state_dict(checkpoint)
-            self.config = resolve_config(sd, model=model, scale=scale)
-            net = load_model(sd, model=model, scale=scale, device=self.device, kernels=kernels)
+            sd, stored = read_checkpoint(checkpoint)
+            self.config = resolve_config(sd, stored=stored, model=model, scale=scale)
+            net = build_model(sd, self.config, self.device, kernels)
         self.model = net
         self.scale, self.in_chans = net.upscale, net.in_chans
         self._net = torch.compile(net, dynamic=True) if compile else net

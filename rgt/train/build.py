@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from rgt.arch import RGT
-from rgt.checkpoint import load_checkpoint, read_state_dict
+from rgt.checkpoint import load_checkpoint, load_file, read_state_dict
 from rgt.train.config import OptionError
 from rgt.train.dataset import InfiniteSampler, SRDataset, collate
 from rgt.train.distributed import Dist
@@ -25,9 +25,9 @@ def model(opt: dict, device: torch.device) -> RGT:
     path = opt["path"]
     if path["pretrain_network_g"]:
         source = Path(path["pretrain_network_g"])
-        raw = torch.load(source, map_location="cpu", weights_only=True) if source.suffix != ".safetensors" else None
+        raw = load_file(source)
         key = path["param_key_g"]
-        sd = read_state_dict(raw[key] if isinstance(raw, dict) and isinstance(raw.get(key), dict) else source)
+        sd = read_state_dict(raw[key] if isinstance(raw, dict) and isinstance(raw.get(key), dict) else raw)
         strict = bool(path["strict_load_g"])
         log.info("loading %s (param_key_g %s, strict_load_g %s)", source, key, strict)
         load_checkpoint(net, sd, strict=strict)

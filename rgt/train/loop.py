@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from rgt.checkpoint import load_checkpoint, load_file
 from rgt.train import build, state
 from rgt.train import distributed as dist_util
 from rgt.train.dataset import patches_from_windows
@@ -103,10 +104,10 @@ class Trainer:
 
     def _resume(self, path: str | Path) -> None:
         training, model_file = state.load_state(path)
-        ckpt = torch.load(model_file, map_location="cpu", weights_only=True)
-        self.net.load_state_dict(ckpt["params"])
+        ckpt = load_file(model_file)
+        load_checkpoint(self.net, ckpt["params"])  # takes the 64x64 masks saved for other img_sizes
         if self.ema is not None:
-            self.ema.load_state_dict(ckpt.get("params_ema", ckpt["params"]))
+            load_checkpoint(self.ema.module, ckpt.get("params_ema", ckpt["params"]))
         self.optim.load_state_dict(training["optimizers"][0])
         self.sched.load_state_dict(training["schedulers"][0])
         self.iter, self.position = int(training["iter"]), int(training["sampler_position"])

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rgt.checkpoint import atomic_write, save_checkpoint
+from rgt.checkpoint import atomic_write, load_file, save_checkpoint
 
 
 def model_path(root: Path, it: int | str) -> Path:
@@ -81,7 +81,7 @@ def load_state(path: str | os.PathLike) -> tuple[dict, Path]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"resume state not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_file(path)
     model_file = model_path(path.parent.parent, state["iter"])
     if not model_file.is_file():
         raise FileNotFoundError(f"{path} belongs to iteration {state['iter']} but {model_file} is missing")
