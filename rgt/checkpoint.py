@@ -212,9 +212,9 @@ def load_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping, *, st
                              "tensors with the same name and shape): another architecture?")
     result = model.load_state_dict(sd, strict=strict)
     if not strict and (result.missing_keys or result.unexpected_keys or skipped):
-        log.warning("rgt: non-strict load of %s: %d tensors loaded, %d of another shape skipped, %d missing %s, "
-                    "%d unexpected %s", _name(source), len(loaded), len(skipped), len(result.missing_keys),
-                    result.missing_keys[:8], len(result.unexpected_keys), result.unexpected_keys[:8])
+        log.warning("rgt: non-strict load of %s: %d tensors loaded, %d of another shape skipped, %d missing keys "
+                    "%s, %d unexpected keys %s", _name(source), len(loaded), len(skipped), len(result.missing_keys),
+                    result.missing_keys, len(result.unexpected_keys), result.unexpected_keys)
     return model
 
 
