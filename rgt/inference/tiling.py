@@ -9,13 +9,13 @@ visible seams). Image borders get weight 1: there is no neighbour to blend with.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
 from rgt.arch.rgsa import MIN_EVAL_SIDE, recursion_depth
 
@@ -84,8 +84,6 @@ def tiled_forward(
     scale: int,
     tile: int,
     overlap: int,
-    *,
-    progress: bool = False,
 ) -> Tensor:
     """Run `fn` ((B, C, h, w) -> (B, C, s h, s w)) on overlapping tile x tile crops of x and blend.
 
@@ -103,8 +101,7 @@ def tiled_forward(
     ys, xs = tile_starts(H, th, overlap), tile_starts(W, tw, overlap)
     out = torch.zeros(B, C, H * scale, W * scale, device=x.device)
     total = torch.zeros(1, 1, H * scale, W * scale, device=x.device)
-    cells = [(i, j) for i in range(len(ys)) for j in range(len(xs))]
-    for i, j in tqdm(cells, desc="tiles", unit="tile", leave=False, disable=not progress or len(cells) == 1):
+    for i, j in itertools.product(range(len(ys)), range(len(xs))):
         y0, x0 = ys[i], xs[j]
         sr = fn(x[..., y0 : y0 + th, x0 : x0 + tw]).float()  # (B, C, s th, s tw)
         wy = _ramp(th * scale, overlap * scale, i > 0, i < len(ys) - 1, x.device)
