@@ -27,7 +27,7 @@ _EXPORTS = {  # public name -> module that defines it (a module itself when the 
     "models": "rgt.models",
     "save_checkpoint": "rgt.checkpoint",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = ["RGT", "Upscaler", "data", "load_checkpoint", "load_model", "metrics", "models", "save_checkpoint"]
 
 if TYPE_CHECKING:
     from rgt import data, metrics, models
@@ -49,4 +49,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+    return sorted({*globals(), *_EXPORTS})

@@ -19,7 +19,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, argparse.SUPPRESS) or action.default is False or action.required:
+        default = action.default
+        if "default" in text or default in (None, argparse.SUPPRESS) or default is False or action.required:
             return text
         return f"{text} (default: {action.default!r})" if action.default == "" else f"{text} (default: %(default)s)"
 

@@ -215,7 +215,8 @@ def test_empty_and_truncated_files_are_refused(source, tmp_path):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_weights_are_refused(source, tmp_path, bad):
     sd = dict(source.state_dict())
-    sd["layers.1.blocks.0.mlp.fc1.weight"] = sd["layers.1.blocks.0.mlp.fc1.weight"].clone().index_fill_(0, torch.tensor([3]), bad)
+    key = "layers.1.blocks.0.mlp.fc1.weight"
+    sd[key] = sd[key].clone().index_fill_(0, torch.tensor([3]), bad)
     torch.save({"params": sd}, tmp_path / "nan.pth")
     with pytest.raises(CheckpointError, match=r"nan.pth: tensor params.layers.1.blocks.0.mlp.fc1.weight has NaN/Inf"):
         rgt.load_model(tmp_path / "nan.pth")

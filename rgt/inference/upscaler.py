@@ -39,6 +39,7 @@ from tqdm import tqdm
 from rgt._cli import PRECISIONS
 from rgt.arch import RGT
 from rgt.checkpoint import read_checkpoint
+from rgt.data.layout import check_unit_range
 from rgt.data.resize import imresize
 from rgt.detect import build_model, resolve_config
 from rgt.inference.tiling import MIN_TILE, pad_to_valid, tile_starts, tiled_forward
@@ -46,7 +47,6 @@ from rgt.inference.tta import tta_forward
 
 log = logging.getLogger("rgt.upscale")
 
-FLOAT_RANGE = (-0.5, 1.5)  # float images outside this are not [0, 1] images with a little overshoot
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -278,20 +278,10 @@ def _upscale_tensor(up: Upscaler, t: Tensor) -> Tensor:
         return torch.round(_upscale_tensor(up, t.float() / 255) * 255).to(torch.uint8)
     if not t.is_floating_point():
         raise TypeError(f"tensor images must be float in [0, 1] or uint8, got {t.dtype}")
-    _check_float_range(t)
+    check_unit_range(t)
     image, alpha = _split_alpha(t, t.ndim - 3)
     y, a = up.upscale(image, alpha)
     return (y if a is None else torch.cat([y, a], dim=t.ndim - 3)).to(t.dtype)
-
-
-def _check_float_range(t: Tensor) -> None:
-    """Float images hold [0, 1]: a 0..255 float image would be clipped to near-white without a word."""
-    if t.numel() == 0:
-        return
-    lo, hi = float(t.min()), float(t.max())
-    if lo < FLOAT_RANGE[0] or hi > FLOAT_RANGE[1]:
-        raise ValueError(f"float images must hold values in [0, 1], got [{lo:.4g}, {hi:.4g}]: divide 0..255 "
-                         "images by 255 (or pass uint8)")
 
 
 def _upscale_numpy(up: Upscaler, arr: np.ndarray) -> np.ndarray:
