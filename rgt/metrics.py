@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rgt.data.layout import UNIT_RANGE, check_layout, check_unit_range
+from rgt.data.layout import UNIT_RANGE, check_layout, check_unit_range, to_tensor
 
 __all__ = ["psnr", "ssim", "psnr_torch", "ssim_torch"]
 
@@ -106,7 +106,7 @@ def psnr(sr: np.ndarray | Tensor, hr: np.ndarray | Tensor, crop_border: int, y_c
     """PSNR in dB of one image pair (H, W[, C]), uint8 or float (see the module docstring for the ranges); inf
     for identical images. Tensors go to `psnr_torch` (one value, or one per image of a batch)."""
     if isinstance(sr, Tensor) or isinstance(hr, Tensor):
-        return _torch_result(psnr_torch(sr, hr, crop_border, y_channel))
+        return _torch_result(psnr_torch(*_as_tensors(sr, hr), crop_border, y_channel))
     _check_numpy(sr, hr, crop_border, y_channel)
     a, b = _numpy_planes(sr, crop_border, y_channel), _numpy_planes(hr, crop_border, y_channel)
     mse = np.mean((a - b) ** 2)
@@ -135,7 +135,7 @@ def ssim(sr: np.ndarray | Tensor, hr: np.ndarray | Tensor, crop_border: int, y_c
     """SSIM of one image pair (H, W[, C]) as in `psnr`: the mean over channels of the mean SSIM map. Tensors
     go to `ssim_torch`."""
     if isinstance(sr, Tensor) or isinstance(hr, Tensor):
-        return _torch_result(ssim_torch(sr, hr, crop_border, y_channel))
+        return _torch_result(ssim_torch(*_as_tensors(sr, hr), crop_border, y_channel))
     _check_numpy(sr, hr, crop_border, y_channel)
     a, b = _numpy_planes(sr, crop_border, y_channel), _numpy_planes(hr, crop_border, y_channel)
     _check_window(a.shape[1:])
@@ -161,6 +161,13 @@ def _torch_planes(img: Tensor, crop_border: int, y_channel: bool, quantize: bool
         r, g, b = (x / 255).unbind(1)
         x = (r * Y_COEFFS[0] + g * Y_COEFFS[1] + b * Y_COEFFS[2] + 16)[:, None]
     return x
+
+
+def _as_tensors(sr: np.ndarray | Tensor, hr: np.ndarray | Tensor) -> tuple[Tensor, Tensor]:
+    """A tensor and a numpy image (e.g. a model output and an image file) -> two tensors on one device."""
+    device = (sr if isinstance(sr, Tensor) else hr).device
+    return tuple(x if isinstance(x, Tensor) else to_tensor(x, name)[0].to(device)
+                 for x, name in ((sr, "sr"), (hr, "hr")))
 
 
 def _torch_result(value: Tensor) -> float | Tensor:

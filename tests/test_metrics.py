@@ -161,6 +161,7 @@ def test_layouts_users_pass_give_one_answer():
         assert fn(sr8.astype(np.float32) / 255, hr8, 2) == pytest.approx(ref, abs=1e-12)
         chw = [torch.from_numpy(x).permute(2, 0, 1) for x in (sr8, hr8)]
         assert fn(chw[0].float() / 255, chw[1].float() / 255, 2) == pytest.approx(ref, abs=1e-9)
+        assert fn(chw[0].float() / 255, hr8, 2) == pytest.approx(ref, abs=1e-9)  # model output vs image file
         batch = fn(chw[0][None], chw[1][None], 2)
         assert batch.shape == (1,) and batch[0].item() == pytest.approx(ref, abs=1e-9)
     with pytest.raises(ValueError, match=r"shape \(40, 37, 3\) looks like \(H, W, C\): pass t.permute\(2, 0, 1\)"):
