@@ -2,8 +2,9 @@
 
 The blocks run in order, from a temporary folder laid out like the clone's root: `rgt` (a link to the package,
 with the bundled photographs in rgt/assets/images) and, standing in for what the quick start trains, an
-untrained model of the quickstart's architecture at the path the trainer writes. The install lines (`pip install ninja ...`, which also start the
-quick start's training) are what CI itself runs (.ci/run), so they are the only ones left out.
+untrained model of the quickstart's architecture at the path the trainer writes. The install lines
+(`pip install ninja ...`, which also start the quick start's training) are what CI itself runs (.ci/run), so
+they are the only ones left out.
 """
 
 import os
@@ -64,4 +65,5 @@ def test_readme_block_runs(clone, lang, code):
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` is this one
     command = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
     result = subprocess.run(command, cwd=clone, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"README block failed:\n{code}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+    output = f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+    assert result.returncode == 0, f"README block failed:\n{code}\n{output}"
