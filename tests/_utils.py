@@ -1,13 +1,13 @@
-"""Shared test helpers: reproducible per-case generators and the paths of the shared reference material."""
+"""Shared test helpers: reproducible per-case generators and the paths of the reference data in tests/data."""
 
-import os
 import zlib
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("RGT_SHARED", REPO.parent / "shared"))
+# Real MATLAB R2017b imresize outputs (see its README.md): the oracle of the bicubic and metric tests.
+MATLAB_DATA = REPO / "tests" / "data" / "matlab_imresize"
 
 
 def gen(case_id: str) -> torch.Generator:

@@ -11,12 +11,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from _utils import SHARED, gen
+from _utils import MATLAB_DATA, gen
 from PIL import Image
 
 from rgt.data import bicubic_degrade, imresize, modcrop, quantize_uint8
 
-MATLAB = SHARED / "data" / "matlab_imresize"
+MATLAB = MATLAB_DATA
 CASES = {"down_x2": 1 / 2, "down_x3": 1 / 3, "down_x4": 1 / 4, "up_x2": 2.0}
 
 

@@ -12,13 +12,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from _utils import SHARED, gen
+from _utils import MATLAB_DATA, gen
 from PIL import Image
 
 from rgt.data import imresize, modcrop, quantize_uint8
 from rgt.metrics import psnr, psnr_torch, ssim, ssim_torch
 
-MATLAB = SHARED / "data" / "matlab_imresize"
+MATLAB = MATLAB_DATA
 PUBLISHED = {False: (20.419710, 0.391853), True: (22.441898, 0.453097)}  # y_channel -> (PSNR, SSIM)
 
 

@@ -7,13 +7,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _utils import REPO, SHARED, gen
+from _utils import MATLAB_DATA, REPO, gen
 from PIL import Image
 
 from rgt.data import bicubic_degrade, modcrop, read_image, write_image
 from rgt.data.prepare import main
 
-MATLAB = SHARED / "data" / "matlab_imresize"
+MATLAB = MATLAB_DATA
 
 
 @pytest.fixture
