@@ -3,7 +3,7 @@
 The blocks run in order, from a temporary folder laid out like the clone's root: `rgt` (a link to the package,
 with the bundled photographs in rgt/assets/images) and, standing in for what the quick start trains, an
 untrained model of the quickstart's architecture at the path the trainer writes. The install lines
-(`pip install ninja ...`, which also start the quick start's training) are what CI itself runs (.ci/run), so
+(`pip install ... ninja ...`, which also start the quick start's training) are what CI itself runs (.ci/run), so
 they are the only ones left out.
 """
 
@@ -22,7 +22,7 @@ from rgt.train.config import load_options
 
 BLOCK = re.compile(r"^```(bash|python)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 HEADING = re.compile(r"^## (.+)$", re.MULTILINE)
-INSTALL = "pip install ninja "  # the install commands CI runs itself
+INSTALL = re.compile(r"^pip install .*\bninja\b")  # the install commands CI runs itself (.ci/run)
 QUICKSTART_MODEL = Path("experiments/quickstart_RGT_x2/models/net_g_latest.pth")
 
 
@@ -33,7 +33,7 @@ def readme_blocks() -> list:
     for m in BLOCK.finditer(text):
         lang, code = m[1], m[2]
         if lang == "bash":
-            code = "\n".join(line for line in code.splitlines() if not line.startswith(INSTALL))
+            code = "\n".join(line for line in code.splitlines() if not INSTALL.match(line))
         if not code.strip():
             continue
         section = ([h for h in HEADING.finditer(text, 0, m.start())] or [None])[-1]
