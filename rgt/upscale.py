@@ -148,7 +148,7 @@ def run(up, jobs: list[tuple[Path, Path]], quality: int) -> list[tuple[Path, str
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     failed, times = [], []
-    with logging_redirect_tqdm(loggers=[log, logging.getLogger("rgt")]):  # log lines above the bars
+    with logging_redirect_tqdm():  # log lines (through the root logger) above the bars, not glued to them
         for src, dst in tqdm(jobs, desc="upscale", unit="img", disable=len(jobs) < 2, dynamic_ncols=True):
             start = time.perf_counter()
             try:
