@@ -263,7 +263,7 @@ def test_help_answers_without_torch_and_shows_defaults():
 def test_api_refuses_or_flags_odd_input(tiny, caplog, tmp_path):
     up = rgt.Upscaler(tiny, device="cpu")
     g = gen("api-odd")
-    with pytest.raises(ValueError, match=r"float images must hold values in \[0, 1\].*divide 0..255"):
+    with pytest.raises(ValueError, match=r"float image must hold values in \[0, 1\].*divide 0..255"):
         up(torch.rand(H, W, 3, generator=g).numpy() * 255)
     with pytest.raises(ValueError, match="no empty dimension"):
         up(torch.rand(0, 3, H, W))
