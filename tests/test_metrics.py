@@ -157,13 +157,14 @@ def test_layouts_users_pass_give_one_answer():
     sr8, hr8 = (torch.round(x.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy() for x in (sr, hr))
     for fn in (psnr, ssim):
         ref = fn(sr8, hr8, 2)
+        # measured differences: 0 (numpy paths), <= 1.2e-16 (torch path, same float64 formulas)
         assert fn(sr8 / 255.0, hr8 / 255.0, 2) == pytest.approx(ref, abs=1e-12)  # was 80.39 dB instead of 32.26
         assert fn(sr8.astype(np.float32) / 255, hr8, 2) == pytest.approx(ref, abs=1e-12)
         chw = [torch.from_numpy(x).permute(2, 0, 1) for x in (sr8, hr8)]
-        assert fn(chw[0].float() / 255, chw[1].float() / 255, 2) == pytest.approx(ref, abs=1e-9)
-        assert fn(chw[0].float() / 255, hr8, 2) == pytest.approx(ref, abs=1e-9)  # model output vs image file
+        assert fn(chw[0].float() / 255, chw[1].float() / 255, 2) == pytest.approx(ref, abs=1e-12)
+        assert fn(chw[0].float() / 255, hr8, 2) == pytest.approx(ref, abs=1e-12)  # model output vs image file
         batch = fn(chw[0][None], chw[1][None], 2)
-        assert batch.shape == (1,) and batch[0].item() == pytest.approx(ref, abs=1e-9)
+        assert batch.shape == (1,) and batch[0].item() == pytest.approx(ref, abs=1e-12)
     with pytest.raises(ValueError, match=r"shape \(40, 37, 3\) looks like \(H, W, C\): pass t.permute\(2, 0, 1\)"):
         psnr(torch.from_numpy(sr8), torch.from_numpy(hr8), 2)
     with pytest.raises(ValueError, match=r"shape \(3, 40, 37\) looks like \(C, H, W\)"):
