@@ -7,11 +7,15 @@ same under every torch CI builds against.
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
-import rgt
-from rgt.ops import _ext
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _utils import TINY, deterministic_fill, spec_input  # noqa: E402
+
+import rgt  # noqa: E402
+from rgt.ops import _ext  # noqa: E402
 
 # float64 runs the same arithmetic under both torch builds (measured: max difference 0 for 2.13.0+cpu vs
 # 2.14.1+cu130 on this CPU); fp32 may take other vector kernels in another release: measured 0, bound ~30 ulp of 1.
@@ -19,11 +23,11 @@ TOL = {torch.float64: 1e-12, torch.float32: 4e-6}
 
 
 def outputs() -> dict[str, torch.Tensor]:
-    """Tiny x2 RGT (seeded weights), 20x28 input: padding, both shift masks and the C++ dwconv op (kernels="auto")."""
-    torch.manual_seed(0)
-    model = rgt.RGT(upscale=2, embed_dim=36, depth=[2, 2], num_heads=[6, 6], mlp_ratio=2, split_size=[8, 32],
-                    c_ratio=0.5).eval()
-    x = torch.rand(1, 3, 20, 28, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    """Tiny x2 RGT, 20x28 input: padding, both shift masks and the C++ dwconv op (kernels="auto"). Weights and
+    input are the spec's closed-form fills: torch's random initialisers differ between releases."""
+    model = rgt.RGT(**TINY).eval()
+    deterministic_fill(model)
+    x = spec_input(20, 28)
     result = {}
     with torch.no_grad():
         for dtype in TOL:

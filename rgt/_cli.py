@@ -31,9 +31,14 @@ def parser(prog: str, doc: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=prog, description=head, epilog=rest, formatter_class=HelpFormatter)
 
 
-def add_model_options(p: argparse.ArgumentParser, *, precision: str, device: str, tile_unit: str) -> None:
-    """-m, --model, -s, -t, --tile-overlap, -x, --precision, --device (default: `device`, in words), --kernels."""
-    p.add_argument("-m", "--checkpoint", required=True, help=".pth / .safetensors (official, BasicSR, ours)")
+def add_model_options(p: argparse.ArgumentParser, *, precision: str, device: str, tile_unit: str,
+                      onnx: str | None = None) -> None:
+    """-m, --model, -s, -t, --tile-overlap, -x, --precision, --device (default: `device`, in words), --kernels;
+    with `onnx` (its help), --onnx as the alternative to -m."""
+    weights = p.add_mutually_exclusive_group(required=True) if onnx else p
+    weights.add_argument("-m", "--checkpoint", required=not onnx, help=".pth / .safetensors (official, BasicSR, ours)")
+    if onnx:
+        weights.add_argument("--onnx", type=Path, help=onnx)
     p.add_argument("--model", choices=("rgt_s", "rgt"), help="use this preset instead of the detected config")
     p.add_argument("-s", "--scale", type=int, help="check the checkpoint's scale (default: read from it)")
     p.add_argument("-t", "--tile", type=int, default=0, help=f"tile side in {tile_unit} px (0: whole image)")

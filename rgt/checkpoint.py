@@ -17,11 +17,12 @@ corrupt files (zip CRCs of torch files, the sha256 we store in our safetensors) 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -282,13 +283,14 @@ def save_checkpoint(model: nn.Module | Mapping, path: str | os.PathLike, *, slim
 
     def write(tmp: str) -> None:
         if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
             sd = prepare(ema if ema is not None else model)
             meta = {"format": "pt", "arch": "RGT", META_SHA256: tensor_digest(sd)}
             if config is not None:
                 meta[META_CONFIG] = json.dumps(config)
-            save_file(sd, tmp, metadata=meta)
+            with open(tmp, "wb") as f:  # into atomic_write's file, keeping its mode (save_file would make 0600)
+                f.write(save(sd, metadata=meta))
         else:
             payload: dict = {"params": prepare(model)}
             if ema is not None:
@@ -300,24 +302,55 @@ def save_checkpoint(model: nn.Module | Mapping, path: str | os.PathLike, *, slim
     return atomic_write(path, write)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+TEMP_SUFFIX = ".tmp"  # atomic_write's temporary files are `.<name>.<random>.tmp`: rgt.train removes leftovers
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call write(tmp) on a temporary file beside `path`, then rename it over `path`: a run killed mid-write
-    leaves the previous file intact, never a truncated one."""
+    """Call write(tmp) on a temporary file beside `path`, flush it to disk, then rename it over `path`: a run
+    killed mid-write leaves the previous file intact, never a truncated one, and the temporary file is removed
+    on any error. The file gets the umask's permissions. A full disk raises OSError(ENOSPC) naming `path`:
+    torch.save reports it only as "unexpected pos", so a failed write on a file system with no space left counts
+    as one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    # Created like any file (mode 0o666 less the umask; mkstemp's would be 0o600), exclusively, with a random name.
+    tmp = str(path.parent / f".{path.name}.{os.urandom(6).hex()}{TEMP_SUFFIX}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    full = False
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and safetensors) create 0600: give the umask's permissions
+        _fsync(tmp)  # the data must be on disk before the rename makes it the file (power loss)
         os.replace(tmp, path)
+        with contextlib.suppress(OSError):  # the rename's durability: some file systems cannot fsync a folder
+            _fsync(path.parent)
+    except Exception as exc:
+        if not _out_of_space(exc, path.parent):
+            raise
+        full = True
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    if full:  # raised here, without the original: its traceback holds torch's writer, whose open file keeps the
+        # deleted temporary file's space in use
+        raise OSError(errno.ENOSPC, f"no space left on device: could not write {path}")
     return path
+
+
+def _fsync(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _out_of_space(exc: Exception, folder: Path) -> bool:
+    """Whether a failed write ran out of space: ENOSPC/EDQUOT, or less than 1 MiB left in `folder`'s file system
+    (checked while the partial temporary file still takes its room)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1 << 20

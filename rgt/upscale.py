@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _cli.parser("python -m rgt.upscale", __doc__)
     p.add_argument("-i", "--input", required=True, help="image file, folder, or quoted glob ('dir/**/*.png')")
     p.add_argument("-o", "--output", required=True, type=Path, help="output file (one input) or folder")
-    _cli.add_model_options(p, precision="auto", device="GPU LOCAL_RANK if any, else the CPU", tile_unit="input")
+    _cli.add_model_options(p, precision="auto", device="GPU LOCAL_RANK if any, else the CPU", tile_unit="input",
+                           onnx="instead of -m: an ONNX file from python -m rgt.export, run by ONNX Runtime on the "
+                           "CPU in tiles of its input size (rgt.inference.onnx_tiles)")
     p.add_argument("-f", "--ext", choices=("auto", *OUTPUT_EXTENSIONS), default="auto",
                    help="output format (auto: as the input)")
     p.add_argument("--suffix", default="", help="appended to output file names (folder output)")
@@ -135,8 +137,12 @@ def _default_device(local_rank: int) -> str:
 
 def load_upscaler(args: argparse.Namespace, device: str):
     """The Upscaler of the options. Raises what `rgt.Upscaler` raises for a bad checkpoint or option."""
+    from rgt.inference.onnx_tiles import onnx_upscaler
     from rgt.inference.upscaler import Upscaler
 
+    if args.onnx:  # the exported file fixes model, tile size and precision (checked in main)
+        overlap = 32 if args.tile_overlap is None else args.tile_overlap
+        return onnx_upscaler(args.onnx, tile_overlap=overlap, tta=args.tta, alpha=args.alpha, progress=True)
     return Upscaler(args.checkpoint, model=args.model, scale=args.scale, device=device, precision=args.precision,
                     tile=args.tile, tile_overlap=args.tile_overlap, tta=args.tta, alpha=args.alpha,
                     kernels=args.kernels, compile=args.compile, progress=True)
@@ -169,6 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Returns the exit status: 0; 1 if any input failed; 2 for bad arguments or checkpoint; 130 on Ctrl-C."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.onnx:
+        from rgt.inference.onnx_tiles import onnx_option_conflicts
+
+        if conflict := onnx_option_conflicts(args):
+            parser.error(conflict)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     inputs = collect_inputs(args.input)
@@ -191,8 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             up = load_upscaler(args, args.device or _default_device(int(os.environ.get("LOCAL_RANK", 0))))
         except (OSError, ValueError, TypeError, RuntimeError) as e:  # the checkpoint or a model option
-            return _cli.fail(log, _cli.checkpoint_error(args.checkpoint, e))
+            return _cli.fail(log, _cli.checkpoint_error(args.onnx or args.checkpoint, e))
         tiles = f"{up.tile} px tiles (overlap {up.overlap(up.tile)})" if up.tile else "whole images"
+        if args.onnx:
+            tiles = "ONNX Runtime, {}x{} px tiles".format(*up.model.tile)
         log.info("%sx%d model on %s, %s, %s%s; %d image(s)", prefix, up.scale, up.device, up.precision, tiles,
                  ", TTA x8 (8 passes per image)" if up.tta else "", len(todo))
         failed = run(up, todo, args.quality)

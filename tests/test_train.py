@@ -74,6 +74,36 @@ def test_unknown_keys_rejected(tmp_path, doc, key):
         load_options(path)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train.optim_g.lr=fast", "train.optim_g.lr must be a number > 0, got 'fast'"),
+    ("train.optim_g.lr=-0.001", "train.optim_g.lr must be a number > 0, got -0.001"),
+    ("datasets.train.batch_size_per_gpu=0", "datasets.train.batch_size_per_gpu must be an integer >= 1, got 0"),
+    ("datasets.train.batch_size_per_gpu=2.5", "datasets.train.batch_size_per_gpu must be an integer >= 1, got 2.5"),
+    ("val.val_freq=0", "val.val_freq must be an integer >= 1, got 0"),
+    ("logger.save_checkpoint_freq=0", "logger.save_checkpoint_freq must be an integer >= 1, got 0"),
+    ("train.pixel_opt.loss_weight=-1", "train.pixel_opt.loss_weight must be a number > 0, got -1"),
+    ("train.total_iter=[5]", "train.total_iter must be an integer >= 1, got [5]"),
+    ("train.ema_decay=1", "train.ema_decay must be a number >= 0 and < 1, got 1"),
+    ("train.optim_g.betas=[0.9]", "train.optim_g.betas must be a list of 2, got [0.9]"),
+    ("train.scheduler.milestones=[100, x]", "train.scheduler.milestones[1] must be an integer >= 1, got 'x'"),
+    ("scale=true", "scale must be an integer >= 1, got True"),
+])
+def test_bad_numbers_rejected_in_one_line(capsys, override, message):
+    """Strings where numbers go, out-of-range values (a negative loss weight would maximise the error, val_freq 0
+    divided by zero after the first iteration): exit 2 with one line naming the option, before any work."""
+    with pytest.raises(SystemExit) as exc:
+        main(["--set", override])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err == f"rgt.train: error: <quickstart>: option {message}\n"
+
+
+def test_numbers_as_basicsr_writes_them():
+    opt = load_options(None, ["train.optim_g.lr='2e-4'", "train.total_iter=5e3", "train.grad_clip=~",
+                              "num_threads=~"])
+    assert opt["train"]["optim_g"]["lr"] == 2e-4 and opt["train"]["total_iter"] == 5000
+    assert opt["train"]["grad_clip"] == 0.0 and opt["num_threads"] is None
+
+
 def test_override_unknown_key_rejected():
     with pytest.raises(OptionError, match="'train.totl_iter'"):
         load_options(None, ["train.totl_iter=5"])
@@ -366,6 +396,11 @@ def test_finetune_from_x2_reports_skipped_keys(tmp_path, caplog, scale, skipped,
     for k in skipped:
         assert f"skipping {k}" in text
     assert f"{len(missing)} missing keys {missing}" in text
-    with pytest.raises(RuntimeError, match="size mismatch|Missing key"):
+    first = sorted(missing)[0]  # the message names the first differing key
+    with pytest.raises(OptionError, match=rf"pretrain_network_g: {x2} does not fit network_g \(2 tensors differ, "
+                       rf"e\.g\. {first} .*path.strict_load_g: false"):
         Trainer(load_options(None, [*TINY_RUN, f"scale={scale}", f"network_g.upscale={scale}",
                                     f"path.pretrain_network_g={x2}"]), setup(0))
+    x2.write_bytes(x2.read_bytes()[:1000])
+    with pytest.raises(OptionError, match=f"pretrain_network_g: {x2}: cannot read this model file"):
+        Trainer(opt, setup(0))

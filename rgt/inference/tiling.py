@@ -16,10 +16,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm import tqdm
 
 from rgt.arch.rgsa import MIN_EVAL_SIDE, recursion_depth
 
-__all__ = ["MIN_TILE", "pad_to_valid", "tile_starts", "tiled_forward", "valid_size"]
+__all__ = ["MIN_TILE", "pad_to_valid", "reflect_pad", "tile_starts", "tiled_forward", "valid_size"]
 
 MIN_TILE = MIN_EVAL_SIDE  # the model minimum; a tile this small leaves RG-SA little context
 
@@ -36,7 +37,7 @@ def valid_size(H: int, W: int) -> tuple[int, int]:
     return (max(H, need), W) if H < W else (H, max(W, need))
 
 
-def _reflect(x: Tensor, pad_h: int, pad_w: int) -> Tensor:
+def reflect_pad(x: Tensor, pad_h: int, pad_w: int) -> Tensor:
     """Reflect-pad bottom/right by any amount (F.pad's reflect needs pad < size: repeat, replicate at size 1)."""
     while pad_h > 0 or pad_w > 0:
         h, w = x.shape[-2:]
@@ -52,7 +53,7 @@ def pad_to_valid(x: Tensor) -> tuple[Tensor, tuple[int, int]]:
     """(B, C, H, W) -> (B, C, H', W') reflect-padded at the bottom/right to `valid_size`, and (H, W) to crop."""
     H, W = x.shape[-2:]
     Hp, Wp = valid_size(H, W)
-    return _reflect(x, Hp - H, Wp - W), (H, W)
+    return reflect_pad(x, Hp - H, Wp - W), (H, W)
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -82,26 +83,30 @@ def tiled_forward(
     fn: Callable[[Tensor], Tensor],
     x: Tensor,
     scale: int,
-    tile: int,
+    tile: int | tuple[int, int],
     overlap: int,
+    *,
+    progress: bool = False,
 ) -> Tensor:
     """Run `fn` ((B, C, h, w) -> (B, C, s h, s w)) on overlapping tile x tile crops of x and blend.
 
     Args:
-        x: (B, C, H, W). tile: tile side in input px (clipped to the image). overlap: input px shared by
-            neighbouring tiles, < tile / 2 (the two ramps of a tile must not cross).
+        x: (B, C, H, W). tile: tile side in input px, or (height, width) (clipped to the image). overlap: input
+            px shared by neighbouring tiles, < tile / 2 (the two ramps of a tile must not cross).
 
     Returns:
         (B, C, sH, sW) float32 on x's device.
     """
-    if 2 * overlap >= tile or overlap < 0:
+    tile_h, tile_w = (tile, tile) if isinstance(tile, int) else tile
+    if 2 * overlap >= min(tile_h, tile_w) or overlap < 0:
         raise ValueError(f"tile overlap must be in [0, tile/2), got overlap {overlap} for tile {tile}")
     B, C, H, W = x.shape
-    th, tw = min(tile, H), min(tile, W)
+    th, tw = min(tile_h, H), min(tile_w, W)
     ys, xs = tile_starts(H, th, overlap), tile_starts(W, tw, overlap)
     out = torch.zeros(B, C, H * scale, W * scale, device=x.device)
     total = torch.zeros(1, 1, H * scale, W * scale, device=x.device)
-    for i, j in itertools.product(range(len(ys)), range(len(xs))):
+    cells = list(itertools.product(range(len(ys)), range(len(xs))))
+    for i, j in tqdm(cells, desc="tiles", unit="tile", leave=False, disable=not progress or len(cells) == 1):
         y0, x0 = ys[i], xs[j]
         sr = fn(x[..., y0 : y0 + th, x0 : x0 + tw]).float()  # (B, C, s th, s tw)
         wy = _ramp(th * scale, overlap * scale, i > 0, i < len(ys) - 1, x.device)

@@ -163,7 +163,7 @@ class Upscaler:
     @contextlib.contextmanager
     def _progress(self, x: Tensor):
         """A bar over the residual groups of all passes of x, ticked by forward hooks (per pass when compiled)."""
-        if not self.progress:
+        if not self.progress or not hasattr(self.model, "layers"):  # e.g. ONNX tiles: they show their own bar
             yield
             return
         groups = len(self.model.layers)

@@ -6,6 +6,9 @@
 
 from rgt.train.config import OptionError, load_options
 from rgt.train.dataset import DataError
+from rgt.train.experiment import ExperimentBusy
 from rgt.train.loop import TrainingDiverged, TrainResult, train
+from rgt.train.state import StateError
 
-__all__ = ["DataError", "OptionError", "TrainResult", "TrainingDiverged", "load_options", "train"]
+__all__ = ["DataError", "ExperimentBusy", "OptionError", "StateError", "TrainResult", "TrainingDiverged",
+           "load_options", "train"]

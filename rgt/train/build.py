@@ -11,8 +11,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from rgt.arch import RGT
-from rgt.checkpoint import load_checkpoint, load_file, read_state_dict
+from rgt.checkpoint import load_checkpoint, read_state_dict
+from rgt.train import state
 from rgt.train.config import OptionError
+from rgt.train.datacheck import check_dataset
 from rgt.train.dataset import InfiniteSampler, SRDataset, collate
 from rgt.train.distributed import Dist
 
@@ -25,10 +27,16 @@ def model(opt: dict, device: torch.device) -> RGT:
     path = opt["path"]
     if path["pretrain_network_g"]:
         source = Path(path["pretrain_network_g"])
-        raw = load_file(source)
         key = path["param_key_g"]
-        sd = read_state_dict(raw[key] if isinstance(raw, dict) and isinstance(raw.get(key), dict) else raw)
+        try:
+            raw = state.read_file(source, "model file") if source.suffix != ".safetensors" else None
+            sd = read_state_dict(raw[key] if isinstance(raw, dict) and isinstance(raw.get(key), dict) else source)
+        except ValueError as exc:  # StateError, or read_state_dict's errors: unreadable, not a state dict
+            raise OptionError(f"path.pretrain_network_g: {exc}") from None
         strict = bool(path["strict_load_g"])
+        if strict and (differ := state.mismatch(net, sd)) is not None:
+            raise OptionError(f"path.pretrain_network_g: {source} does not fit network_g ({differ}); set "
+                              "path.strict_load_g: false to load only the tensors that fit (fine-tuning)")
         log.info("loading %s (param_key_g %s, strict_load_g %s)", source, key, strict)
         load_checkpoint(net, sd, strict=strict)
     return net.to(device)
@@ -112,12 +120,20 @@ def degrade_on_device(opt: dict, device: torch.device) -> bool:
     return cfg["degrade_on"] == "device" or (cfg["degrade_on"] == "auto" and device.type == "cuda")
 
 
-def train_loader(opt: dict, d: Dist, start: int) -> Iterator[dict]:
+def train_set(opt: dict, device: torch.device) -> SRDataset:
+    """The training dataset, every image checked (rgt.train.datacheck)."""
+    cfg = opt["datasets"]["train"]
+    ds = _dataset(cfg, opt["scale"], int(cfg["gt_size"]), degrade_on_device(opt, device))
+    check_dataset(ds, "train")
+    return ds
+
+
+def train_loader(opt: dict, d: Dist, start: int, ds: SRDataset | None = None) -> Iterator[dict]:
     """An endless iterator of batches for this rank, starting at sample position `start` of the rank's stream
     (resume): {'lq': (B, 3, p, p), 'gt': (B, 3, sp, sp)}, or HR windows for `patches_from_windows` when the
-    degradation runs on the device."""
+    degradation runs on the device. `ds`: the training set when already built (default: build and check it)."""
     cfg = opt["datasets"]["train"]
-    ds = _dataset(cfg, opt["scale"], int(cfg["gt_size"]), degrade_on_device(opt, d.device))
+    ds = ds if ds is not None else train_set(opt, d.device)
     sampler = InfiniteSampler(len(ds), seed=int(opt["manual_seed"]), rank=d.rank, world=d.world,
                               shuffle=bool(cfg["use_shuffle"]), enlarge=int(cfg["dataset_enlarge_ratio"]),
                               start=start)
@@ -132,9 +148,11 @@ def train_loader(opt: dict, d: Dist, start: int) -> Iterator[dict]:
 
 
 def val_sets(opt: dict, device: torch.device) -> dict[str, SRDataset]:
-    """The val*/test* datasets by name, whole images; HR-only ones are degraded on the device when it is CUDA."""
+    """The val*/test* datasets by name, whole images, every image checked; HR-only ones are degraded on the
+    device when it is CUDA."""
     sets = {}
     for key, cfg in opt["datasets"].items():
         if key != "train":
-            sets[cfg["name"] or key] = _dataset(cfg, opt["scale"], None, device.type == "cuda")
+            sets[cfg["name"] or key] = ds = _dataset(cfg, opt["scale"], None, device.type == "cuda")
+            check_dataset(ds, key)
     return sets

@@ -12,7 +12,9 @@ Multi-node: the same command on every node with torchrun's rendezvous, e.g.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import logging.handlers
 import sys
 import time
 from collections.abc import Sequence
@@ -21,11 +23,14 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
+from rgt.checkpoint import atomic_write
 from rgt.train import distributed as dist_util
 from rgt.train import state
 from rgt.train.config import OptionError, load_options
 from rgt.train.dataset import DataError
-from rgt.train.loop import Trainer, TrainingDiverged, experiment_root
+from rgt.train.experiment import ExperimentBusy
+from rgt.train.loop import TrainingDiverged, experiment_root, session
+from rgt.train.state import StateError
 from rgt.train.validate import format_metrics
 
 log = logging.getLogger("rgt.train")
@@ -74,8 +79,9 @@ def _options(args: argparse.Namespace) -> dict:
     return load_options(args.opt, overrides)
 
 
-def _setup_logging(root: Path, name: str, main: bool) -> Path | None:
-    """Console (INFO on rank 0, WARNING elsewhere) and, on rank 0, a DEBUG log file; undone by _reset_logging."""
+def _setup_logging(main: bool) -> logging.handlers.MemoryHandler | None:
+    """Console (INFO on rank 0, WARNING elsewhere) and, on rank 0, a buffer that `_log_to_file` empties into the
+    log file once the experiment folder is settled (locked, archived); undone by _reset_logging."""
     logger = logging.getLogger("rgt")
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
@@ -84,10 +90,20 @@ def _setup_logging(root: Path, name: str, main: bool) -> Path | None:
     logger.handlers = [console]
     if not main:
         return None
-    root.mkdir(parents=True, exist_ok=True)
+    buffer = logging.handlers.MemoryHandler(capacity=1 << 30, flushLevel=logging.CRITICAL + 1)
+    logger.addHandler(buffer)
+    return buffer
+
+
+def _log_to_file(buffer: logging.handlers.MemoryHandler, root: Path, name: str) -> Path:
+    """Replace the buffer by the DEBUG log file `root/train_<name>.log`, with the buffered lines first."""
     path = root / f"train_{name}.log"
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    buffer.setTarget(handler)
+    buffer.close()  # flushes into the file
+    logger = logging.getLogger("rgt")
+    logger.removeHandler(buffer)
     logger.addHandler(handler)
     return path
 
@@ -98,12 +114,6 @@ def _reset_logging() -> None:
         handler.close()
     logger.handlers, logger.propagate = [], True
     logger.setLevel(logging.NOTSET)
-
-
-def _resume_from(opt: dict, auto: bool, root: Path) -> Path | None:
-    if opt["path"]["resume_state"]:
-        return Path(opt["path"]["resume_state"])
-    return state.latest_state(root) if auto else None
 
 
 def _report(root: Path, result, log_file: Path | None, seconds: float) -> None:
@@ -118,32 +128,63 @@ def _report(root: Path, result, log_file: Path | None, seconds: float) -> None:
     log.info("\n".join(lines))
 
 
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT): the message says where the run stopped and how to continue."""
+
+
 def run(args: argparse.Namespace) -> None:
     start = time.time()
     opt = _options(args)
     d = dist_util.setup(opt["num_gpu"])
+    buffer, trainer = _setup_logging(d.is_main), None
+    root = experiment_root(opt)
     try:
-        root = experiment_root(opt)
-        log_file = _setup_logging(root, opt["name"], d.is_main)
-        if d.is_main:
-            (root / "options.yml").write_text(yaml.safe_dump(opt, sort_keys=False))
-            log.info("experiment %s -> %s (%d process(es) on %s, %d x %d samples per step)", opt["name"], root,
-                     d.world, d.device, opt["datasets"]["train"]["batch_size_per_gpu"] * d.world,
-                     opt["train"]["accumulate"])
-        resume = _resume_from(opt, args.auto_resume, root)
-        trainer = Trainer(opt, d, resume)
-        result = trainer.run()
+        log.info("experiment %s -> %s (%d process(es) on %s, %d x %d samples per step)", opt["name"], root, d.world,
+                 d.device, opt["datasets"]["train"]["batch_size_per_gpu"] * d.world, opt["train"]["accumulate"])
+        with session(opt, d, opt["path"]["resume_state"], args.auto_resume) as trainer:
+            log_file = None
+            if d.is_main:
+                log_file = _log_to_file(buffer, root, opt["name"])
+                text = yaml.safe_dump(opt, sort_keys=False)
+                atomic_write(root / "options.yml", lambda tmp: Path(tmp).write_text(text))
+            result = trainer.run()
         if d.is_main:
             _report(root, result, log_file, time.time() - start)
+    except KeyboardInterrupt:
+        newest = state.saved_states(root)
+        where = f"at iteration {trainer.iter}" if trainer is not None else "before the first iteration"
+        raise Interrupted(f"interrupted {where}; " + (
+            f"the newest checkpoint is {newest[0]}: rerun with --auto-resume to continue from it" if newest
+            else "no checkpoint was saved yet")) from None
     finally:
         _reset_logging()
         dist_util.cleanup(d)
+
+
+def _one_line(exc: Exception) -> str:
+    """The message of `exc`. An error re-raised from a data worker carries the worker's traceback, its own
+    message last ('rgt.train.dataset.DataError: cannot read image ...'): that last line's message."""
+    lines = str(exc).strip().splitlines()
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "worker" in lines[0]:
+        return lines[-1].split(": ", 1)[-1]
+    return str(exc)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
         run(args)
-    except (OptionError, DataError, TrainingDiverged, FileNotFoundError) as exc:
-        print(f"rgt.train: error: {exc}", file=sys.stderr)
+    except Interrupted as exc:
+        print(f"rgt.train: {exc}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (OptionError, DataError, StateError, TrainingDiverged, ExperimentBusy, FileNotFoundError) as exc:
+        print(f"rgt.train: error: {_one_line(exc)}", file=sys.stderr)
         raise SystemExit(2 if isinstance(exc, OptionError) else 1) from None
+    except OSError as exc:  # the machine's doing, not a bug: a full disk, a path that cannot be written
+        what = exc.strerror if exc.filename is None else f"{exc.filename}: {exc.strerror}"
+        if exc.errno == errno.ENOSPC:
+            what += "; the previous checkpoint is intact: free some space and rerun with --auto-resume"
+        elif exc.filename is None:
+            raise
+        print(f"rgt.train: error: {what}", file=sys.stderr)
+        raise SystemExit(1) from None

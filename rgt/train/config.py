@@ -188,13 +188,84 @@ def _check_network(net: Any) -> dict:
     return net
 
 
+# Numeric options: (dotted key, int or float, bounds as (operator, limit) pairs). A value may be written as a
+# string that parses (YAML 1.1 reads 1e-4 without a dot as a string; BasicSR files write !!float for that reason),
+# and an int option accepts an integral float (5e3). `_OPTIONAL` gives the value ~ stands for, where it is allowed.
+_NUMBERS: tuple[tuple[str, type, tuple[tuple[str, float], ...]], ...] = (
+    ("scale", int, ((">=", 1),)),
+    ("manual_seed", int, ((">=", 0),)),
+    ("num_threads", int, ((">=", 1),)),
+    ("datasets.train.gt_size", int, ((">=", 1),)),
+    ("datasets.train.batch_size_per_gpu", int, ((">=", 1),)),
+    ("datasets.train.num_worker_per_gpu", int, ((">=", 0),)),
+    ("datasets.train.dataset_enlarge_ratio", int, ((">=", 1),)),
+    ("train.total_iter", int, ((">=", 1),)),
+    ("train.accumulate", int, ((">=", 1),)),
+    ("train.warmup_iter", int, ()),
+    ("train.optim_g.lr", float, ((">", 0),)),
+    ("train.optim_g.weight_decay", float, ((">=", 0),)),
+    ("train.scheduler.gamma", float, ((">", 0),)),
+    ("train.pixel_opt.loss_weight", float, ((">", 0),)),  # negative: training would maximise the error
+    ("train.ema_decay", float, ((">=", 0), ("<", 1))),
+    ("train.grad_clip", float, ((">=", 0),)),
+    ("val.val_freq", int, ((">=", 1),)),
+    ("logger.print_freq", int, ((">=", 1),)),
+    ("logger.save_checkpoint_freq", int, ((">=", 1),)),
+)
+_OPTIONAL = {"num_threads": None, "train.ema_decay": 0.0, "train.grad_clip": 0.0, "train.optim_g.weight_decay": 0.0}
+_LISTS = (("train.optim_g.betas", float, ((">=", 0), ("<", 1)), 2),
+          ("train.scheduler.milestones", int, ((">=", 1),), None))  # (key, kind, bounds, length)
+_COMPARE = {">=": float.__ge__, ">": float.__gt__, "<": float.__lt__}
+
+
+def _number(value: Any, kind: type, bounds: tuple[tuple[str, float], ...], key: str) -> int | float:
+    """`value` as `kind` within `bounds`, else OptionError naming the key, the constraint and the value."""
+    want = " and ".join(f"{op} {limit:g}" for op, limit in bounds)
+    what = f"option {key} must be {'an integer' if kind is int else 'a number'}{' ' + want if want else ''}"
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+        if kind is int and not number.is_integer():
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise OptionError(f"{what}, got {value!r}") from None
+    if not all(_COMPARE[op](number, float(limit)) for op, limit in bounds):
+        raise OptionError(f"{what}, got {value!r}")
+    return int(number) if kind is int else number
+
+
+def _check_numbers(opt: dict) -> None:
+    """Convert and range-check every numeric option in place (see _NUMBERS)."""
+    def node(key: str) -> tuple[dict, str]:
+        *parents, leaf = key.split(".")
+        d = opt
+        for part in parents:
+            d = d[part]
+        return d, leaf
+
+    for key, kind, bounds in _NUMBERS:
+        d, leaf = node(key)
+        if d.get(leaf) is None and key in _OPTIONAL:
+            d[leaf] = _OPTIONAL[key]
+        else:
+            d[leaf] = _number(d.get(leaf), kind, bounds, key)
+    for key, kind, bounds, length in _LISTS:
+        d, leaf = node(key)
+        value = d.get(leaf)
+        if not isinstance(value, list | tuple) or (length is not None and len(value) != length):
+            raise OptionError(f"option {key} must be a list{f' of {length}' if length else ''}, got {value!r}")
+        d[leaf] = [_number(v, kind, bounds, f"{key}[{i}]") for i, v in enumerate(d[leaf])]
+
+
 def finalize(opt: dict) -> dict:
-    """Fill defaults and check what the schema cannot: network keys, metric types, numbers given as strings."""
+    """Fill defaults and check what the schema cannot: numbers and their ranges, network keys, metric types."""
     opt = _merge(_defaults(SCHEMA), opt)
     opt["datasets"] = {k: v for k, v in opt["datasets"].items() if v is not None}
     for key, ds in opt["datasets"].items():
         if key != "train":
             opt["datasets"][key] = _merge(_defaults(_VAL_DATASET), ds)
+    _check_numbers(opt)
     opt["network_g"] = _check_network(opt.get("network_g"))
     scale = opt["network_g"].setdefault("upscale", opt["scale"])
     if scale != opt["scale"]:
@@ -204,28 +275,11 @@ def finalize(opt: dict) -> dict:
     for name, m in opt["val"]["metrics"].items():
         if m["type"] not in ("calculate_psnr", "calculate_ssim"):
             raise OptionError(f"val.metrics.{name}.type must be calculate_psnr or calculate_ssim, got {m['type']!r}")
-    t = opt["train"]
-    for key in ("total_iter", "accumulate"):
-        t[key] = int(float(t[key]))
-        if t[key] < 1:
-            raise OptionError(f"train.{key} must be >= 1, got {t[key]}")
-    try:  # YAML 1.1 reads 1e-4 (no dot) as a string; BasicSR files write !!float for that reason
-        t["optim_g"]["lr"] = float(t["optim_g"]["lr"])
-        t["optim_g"]["betas"] = [float(b) for b in t["optim_g"].get("betas", (0.9, 0.999))]
-        t["scheduler"]["gamma"] = float(t["scheduler"]["gamma"])
-        t["scheduler"]["milestones"] = [int(float(m)) for m in t["scheduler"]["milestones"]]
-        for key in ("ema_decay", "grad_clip"):
-            t[key] = float(t[key] or 0.0)
-    except (TypeError, ValueError) as exc:
-        raise OptionError(f"train: a number was expected: {exc}") from exc
     if opt["datasets"]["train"]["degrade_on"] not in DEGRADE_ON:
         raise OptionError(f"datasets.train.degrade_on must be one of {', '.join(DEGRADE_ON)}, "
                           f"got {opt['datasets']['train']['degrade_on']!r}")
-    if t["amp"] not in (None, "bf16"):
-        raise OptionError(f"train.amp must be ~ or bf16, got {t['amp']!r}")
-    opt["val"]["val_freq"] = int(float(opt["val"]["val_freq"]))
-    for key in ("print_freq", "save_checkpoint_freq"):
-        opt["logger"][key] = int(float(opt["logger"][key]))
+    if opt["train"]["amp"] not in (None, "bf16"):
+        raise OptionError(f"train.amp must be ~ or bf16, got {opt['train']['amp']!r}")
     return opt
 
 
@@ -241,8 +295,10 @@ def load_options(path: str | os.PathLike | None, overrides: Sequence[str] = ()) 
         text = source.read_text()
     try:
         opt = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise OptionError(f"{source}: not valid YAML: {exc}") from exc
+    except yaml.YAMLError as exc:  # one line: the problem and where (str(exc) quotes the text over 3-6 lines)
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None) or str(exc)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise OptionError(f"{source}: not valid YAML{where}: {problem}") from None
     try:
         _check(opt, SCHEMA, "")
         for assignment in overrides:

@@ -68,10 +68,15 @@ def degrade(hr: Tensor, scale: int) -> Tensor:
     return bicubic_degrade(hr8, scale).float() / 255
 
 
+def is_pair(lr_hw: tuple[int, int], hr_hw: tuple[int, int], scale: int) -> bool:
+    """Whether an HR image of size hr_hw can belong to an LR image of size lr_hw (HR modcropped to LR * scale)."""
+    return all(n * scale <= m < (n + 1) * scale for n, m in zip(lr_hw, hr_hw, strict=True))
+
+
 def _check_pair(hr: Tensor, lr: Tensor, scale: int, hr_path: Path, lr_path: Path) -> Tensor:
     """HR cropped to LR * scale (BasicSR's modcrop of the GT); error if the sizes cannot be a pair."""
     (h, w), (hh, ww) = lr.shape[-2:], hr.shape[-2:]
-    if not (h * scale <= hh < (h + 1) * scale and w * scale <= ww < (w + 1) * scale):
+    if not is_pair((h, w), (hh, ww), scale):
         raise DataError(f"{lr_path} is {h}x{w} but {hr_path} is {hh}x{ww}: not a x{scale} pair")
     return hr[:, : h * scale, : w * scale]
 

@@ -52,6 +52,15 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
+def broadcast(d: Dist, obj: object) -> object:
+    """Rank 0's `obj` on every rank (a picklable object, e.g. a path)."""
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def mean(d: Dist, value: torch.Tensor) -> torch.Tensor:
     """The mean of a scalar tensor over ranks (for logging)."""
     if not d.enabled:

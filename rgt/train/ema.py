@@ -26,9 +26,3 @@ class EMA:
         buffers = dict(model.named_buffers())
         for name, b in self.module.named_buffers():
             b.copy_(buffers[name])
-
-    def state_dict(self) -> dict:
-        return self.module.state_dict()
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.module.load_state_dict(sd)

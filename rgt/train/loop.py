@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,18 +22,19 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from rgt.checkpoint import load_checkpoint, load_file
+from rgt.checkpoint import load_checkpoint
 from rgt.train import build, state
 from rgt.train import distributed as dist_util
 from rgt.train.dataset import patches_from_windows
 from rgt.train.ema import EMA
+from rgt.train.experiment import ExperimentLock, remove_leftovers
 from rgt.train.validate import format_metrics, validate
 
 log = logging.getLogger("rgt.train")
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf; the last good checkpoint was kept."""
+    """The loss or the weights became NaN or Inf; the last good checkpoint was kept."""
 
 
 @dataclass
@@ -62,7 +64,7 @@ def experiment_root(opt: dict) -> Path:
 class Trainer:
     """Holds the run's objects; `run()` trains from the current iteration to train.total_iter."""
 
-    def __init__(self, opt: dict, d: dist_util.Dist, resume: str | Path | None = None):
+    def __init__(self, opt: dict, d: dist_util.Dist, resume: state.Checkpoint | str | Path | None = None):
         self.opt, self.d, self.root = opt, d, experiment_root(opt)
         if opt["num_threads"]:
             torch.set_num_threads(int(opt["num_threads"]))
@@ -82,13 +84,14 @@ class Trainer:
         self.ema = EMA(self.net, decay) if decay > 0 else None
         self.iter, self.position, self.rng = 0, 0, None  # position: training samples this rank has drawn
         if resume:
-            self._resume(resume)
+            self._resume(resume if isinstance(resume, state.Checkpoint) else state.load_state(resume))
         torch.manual_seed(seed + d.rank)  # BasicSR: per-rank randomness (drop path) from seed + rank
         if self.rng is not None:
             state.set_rng_state(self.rng)
         self.wrapped = self._wrap()
+        self.train_set = build.train_set(opt, d.device)
         self.val_sets = build.val_sets(opt, d.device) if d.is_main else {}
-        self.tb = _tensorboard(opt, self.root) if d.is_main else None
+        self.tb = None  # opened by run(): nothing is written into the folder before then
 
     def _wrap(self) -> nn.Module:
         """DDP (kept as self.ddp for no_sync), then torch.compile if asked: the module the steps call."""
@@ -102,12 +105,12 @@ class Trainer:
             net = torch.compile(net)
         return net
 
-    def _resume(self, path: str | Path) -> None:
-        training, model_file = state.load_state(path)
-        ckpt = load_file(model_file)
-        load_checkpoint(self.net, ckpt["params"])  # takes the 64x64 masks saved for other img_sizes
+    def _resume(self, ckpt: state.Checkpoint) -> None:
+        training, weights = ckpt.training, ckpt.weights
+        state.check_same_network(self.net, weights["params"], ckpt.model_file)
+        load_checkpoint(self.net, {"params": weights["params"]})
         if self.ema is not None:
-            load_checkpoint(self.ema.module, ckpt.get("params_ema", ckpt["params"]))
+            load_checkpoint(self.ema.module, {"params": weights.get("params_ema", weights["params"])})
         self.optim.load_state_dict(training["optimizers"][0])
         self.sched.load_state_dict(training["schedulers"][0])
         self.iter, self.position = int(training["iter"]), int(training["sampler_position"])
@@ -116,7 +119,7 @@ class Trainer:
             self.rng = rngs[self.d.rank]
         else:
             log.warning("resuming with %d processes from a state of %d: fresh RNG streams", self.d.world, len(rngs))
-        log.info("resumed from %s (iteration %d, model %s)", path, self.iter, model_file)
+        log.info("resumed from %s (iteration %d, model %s)", ckpt.state_file, self.iter, ckpt.model_file)
 
     @property
     def samples_per_iter(self) -> int:
@@ -146,12 +149,7 @@ class Trainer:
         """Check the loss on every rank, clip, step; returns the loss averaged over ranks."""
         mean = dist_util.mean(self.d, loss).item()
         if not math.isfinite(mean):
-            last = state.latest_state(self.root)
-            raise TrainingDiverged(
-                f"loss is {mean} at iteration {self.iter + 1}: training stopped. Last good checkpoint: "
-                f"{last or 'none yet'} (resume with --auto-resume after lowering train.optim_g.lr or setting "
-                "train.grad_clip; --amp bf16 can also overflow less than fp16 but more than fp32)"
-            )
+            raise self._diverged(f"loss is {mean} at iteration {self.iter + 1}")
         clip = float(self.opt["train"]["grad_clip"] or 0.0)
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), clip)
@@ -161,8 +159,21 @@ class Trainer:
             self.ema.update(self.net)
         return mean
 
+    def _diverged(self, what: str) -> TrainingDiverged:
+        """The error for a NaN/Inf, naming the newest checkpoint whose weights load and are finite."""
+        last = state.latest_state(self.root) if self.d.is_main else None
+        return TrainingDiverged(
+            f"{what}: training stopped. Last good checkpoint: "
+            f"{last.state_file if last else 'none yet'} (resume with --auto-resume after lowering train.optim_g.lr "
+            "or setting train.grad_clip; --amp bf16 can also overflow less than fp16 but more than fp32)"
+        )
+
     def save(self) -> Path | None:
-        """Rank 0 writes the model file and the state; every rank contributes its RNG state."""
+        """Rank 0 writes the model file and the state; every rank contributes its RNG state. Weights that are
+        not finite (a blow-up the loss has not shown yet) are never saved: TrainingDiverged instead."""
+        for name, module in (("weights", self.net), ("EMA weights", self.ema.module if self.ema else None)):
+            if module is not None and (bad := state.non_finite(module.state_dict())) is not None:
+                raise self._diverged(f"{name} hold NaN or Inf ({bad}) after iteration {self.iter}, not saved")
         rngs = [None] * self.d.world
         if self.d.enabled:
             torch.distributed.all_gather_object(rngs, state.rng_state())
@@ -194,27 +205,30 @@ class Trainer:
     def run(self) -> TrainResult:
         total, o = self.opt["train"]["total_iter"], self.opt
         result = TrainResult(self.root, self.iter)
-        batches = build.train_loader(o, self.d, start=self.position)
+        self.tb = _tensorboard(o, self.root) if self.d.is_main else None
+        batches = build.train_loader(o, self.d, start=self.position, ds=self.train_set)
         bar = tqdm(total=total, initial=self.iter, disable=not self.d.is_main, dynamic_ncols=True, unit="it")
         t0, it0 = time.time(), self.iter
         self.net.train()
-        while self.iter < total:
-            loss = self._finish_step(self.step(batches))
-            self.iter, self.position = self.iter + 1, self.position + self.samples_per_iter
-            result.losses[self.iter] = loss
-            lr = self.optim.param_groups[0]["lr"]
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            self._log(loss, lr, t0, it0, total)
-            last = self.iter == total
-            if last or self.iter % o["logger"]["save_checkpoint_freq"] == 0:
-                result.checkpoint = self.save()
-            if last or self.iter % o["val"]["val_freq"] == 0:
-                result.metrics = self.validate() or result.metrics
-                self.net.train()
-        bar.close()
-        if self.tb is not None:
-            self.tb.close()
+        try:  # on any exit (Ctrl-C too) the bar ends its line and TensorBoard keeps what it has
+            while self.iter < total:
+                loss = self._finish_step(self.step(batches))
+                self.iter, self.position = self.iter + 1, self.position + self.samples_per_iter
+                result.losses[self.iter] = loss
+                lr = self.optim.param_groups[0]["lr"]
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                self._log(loss, lr, t0, it0, total)
+                last = self.iter == total
+                if last or self.iter % o["logger"]["save_checkpoint_freq"] == 0:
+                    result.checkpoint = self.save()
+                if last or self.iter % o["val"]["val_freq"] == 0:
+                    result.metrics = self.validate() or result.metrics
+                    self.net.train()
+        finally:
+            bar.close()
+            if self.tb is not None:
+                self.tb.close()
         result.last_iter, result.model = self.iter, self.net
         result.ema = self.ema.module if self.ema is not None else None
         return result
@@ -242,10 +256,43 @@ def _tensorboard(opt: dict, root: Path):
     return SummaryWriter(str(root / "tb"))
 
 
+@contextlib.contextmanager
+def session(opt: dict, d: dist_util.Dist, resume: str | Path | None = None,
+            auto_resume: bool = False) -> Iterator[Trainer]:
+    """A Trainer ready to run, with the experiment folder locked until exit (rank 0 holds the lock).
+
+    Before anything is written: leftovers of interrupted writes are removed, the resume point is loaded and
+    checked (`resume`, else with `auto_resume` the newest usable state), and the Trainer checks the model and
+    every image. Then, when not resuming, a used folder is archived. ExperimentBusy when another run holds it.
+    """
+    root, lock = experiment_root(opt), None
+    try:
+        point = None
+        if d.is_main:
+            lock = ExperimentLock.acquire(root)
+            for p in remove_leftovers(root):
+                log.info("removed %s, left by an interrupted write", p)
+            point = state.load_state(resume) if resume else state.latest_state(root) if auto_resume else None
+        path = dist_util.broadcast(d, point.state_file if point else None)
+        if point is None and path is not None:
+            point = state.load_state(path)
+        trainer = Trainer(opt, d, point)
+        if lock is not None and point is None and (archived := lock.archive()) is not None:
+            log.info("not resuming: the previous run in %s was moved to %s (--auto-resume continues a run)", root,
+                     archived)
+        dist_util.barrier(d)
+        yield trainer
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def train(opt: dict, *, resume: str | Path | None = None) -> TrainResult:
-    """Train with checked options (see rgt.train.config.load_options); joins torchrun's process group if any."""
+    """Train with checked options (see rgt.train.config.load_options); joins torchrun's process group if any.
+    Without `resume`, a previous run in the experiment folder is archived (see rgt.train.experiment)."""
     d = dist_util.setup(opt["num_gpu"])
     try:
-        return Trainer(opt, d, resume).run()
+        with session(opt, d, resume) as trainer:
+            return trainer.run()
     finally:
         dist_util.cleanup(d)
