@@ -22,6 +22,8 @@ UNIT_RANGE = (-0.5, 1.5)  # float images outside this are not [0, 1] images with
 
 def check_unit_range(x: Tensor | np.ndarray, name: str = "image") -> None:
     """Raise when a float image is clearly not in [0, 1] (e.g. 0..255 values)."""
+    if isinstance(x, Tensor):
+        x = x.detach()  # a range check, not part of the graph
     if x.size == 0 if isinstance(x, np.ndarray) else x.numel() == 0:
         return
     lo, hi = float(x.min()), float(x.max())
