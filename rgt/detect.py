@@ -17,6 +17,9 @@ Works on every layout `rgt.checkpoint.read_state_dict` reads (official `{'params
 - num_heads caveat: an odd count (2 hb + 1) is chosen only when the even one cannot split the channels; the
   weights are the same for both, so a model trained with odd heads needs `num_heads=` (none is released).
 - img_size: from the stored shift masks (nW, N, N), which cover the padded img_size^2; 64 when absent.
+
+Files written by `rgt.save_checkpoint` store their constructor config, which `load_model` uses instead of
+guessing; detection is for everyone else's files. When it must assume (a slim file without a config), it warns.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 from torch import Tensor
 
 from rgt.arch import RGT
-from rgt.checkpoint import load_checkpoint, read_state_dict
+from rgt.checkpoint import load_checkpoint, read_checkpoint
 from rgt.models import CONFIGS
 
 log = logging.getLogger("rgt")
@@ -145,7 +148,8 @@ def detect_config(state_dict: Mapping[str, Tensor]) -> dict:
     cr = rg_conv.shape[0] if rg_conv is not None else c // 2
     split = _split_size(sd)
     if split is None:
-        log.info("rgt: no position tables in the checkpoint (slim): assuming split_size %s", list(OFFICIAL_SPLIT))
+        log.warning("rgt: a slim checkpoint without a stored config: assuming the official split_size %s (pass "
+                    "split_size= if it was trained with another window)", list(OFFICIAL_SPLIT))
     return dict(
         img_size=_img_size(sd),
         img_range=1.0,  # a constant of the forward, not stored; every released model uses 1
@@ -171,11 +175,16 @@ def official_name(config: Mapping) -> str | None:
 
 
 def resolve_config(
-    state_dict: Mapping[str, Tensor], *, model: str | None = None, scale: int | None = None, **overrides
+    state_dict: Mapping[str, Tensor],
+    *,
+    stored: Mapping | None = None,
+    model: str | None = None,
+    scale: int | None = None,
+    **overrides,
 ) -> dict:
-    """`detect_config`, then a preset ("rgt_s" / "rgt") and constructor overrides on top; `scale` is checked
-    against the upsampler (a x2 checkpoint cannot run at x4)."""
-    config = detect_config(state_dict)
+    """The stored config (files we write) or `detect_config`, then a preset ("rgt_s" / "rgt") and constructor
+    overrides on top; `scale` is checked against the upsampler (a x2 checkpoint cannot run at x4)."""
+    config = dict(stored) if stored is not None else detect_config(state_dict)
     detected = config["upscale"]
     if scale is not None and scale != detected:
         raise ValueError(f"the checkpoint is a x{detected} model (from its upsampler), but scale {scale} was asked for")
@@ -196,7 +205,8 @@ def load_model(
     kernels: str | None = None,
     **overrides,
 ) -> RGT:
-    """Build the RGT a checkpoint was trained as, load it strictly, and return it in eval mode.
+    """Build the RGT a checkpoint was trained as (its stored config, else detected), load it strictly, and
+    return it in eval mode.
 
     Args:
         checkpoint: a .pth/.pt/.safetensors path or a (wrapped) state dict, full or slim.
@@ -206,11 +216,23 @@ def load_model(
         **overrides: other constructor arguments (e.g. split_size for a slim checkpoint trained with another).
 
     Raises:
+        FileNotFoundError: no such file.
+        CheckpointError (a ValueError): empty, truncated, corrupt or non-finite file.
         ValueError: not an RGT checkpoint, or the overrides contradict its tensors.
     """
-    sd = read_state_dict(checkpoint)
-    config = resolve_config(sd, model=model, scale=scale, **overrides)
-    net = RGT(**config, kernels=kernels)
+    sd, stored = read_checkpoint(checkpoint)
+    return build_model(sd, resolve_config(sd, stored=stored, model=model, scale=scale, **overrides), device,
+                       kernels)
+
+
+def build_model(sd: Mapping[str, Tensor], config: Mapping, device: str | torch.device = "cpu",
+                kernels: str | None = None) -> RGT:
+    """RGT(**config) with `sd` loaded strictly, on `device`, in eval mode; a misfit is a ValueError naming
+    the config."""
+    try:
+        net = RGT(**config, kernels=kernels)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"cannot build RGT({dict(config)}): {e}") from e
     try:
         load_checkpoint(net, sd, strict=True)
     except RuntimeError as e:  # strict load: name the config that did not fit

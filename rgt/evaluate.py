@@ -7,9 +7,13 @@ Dataset layouts (BasicSR's): DIR/HR (or DIR/GTmod12) with DIR/LR_bicubic/X{s} (o
 case the LR is made with the MATLAB-exact bicubic from the modcropped HR. The HR is cropped to s x the LR size
 (top-left), as BasicSR does. Metrics: `rgt.metrics` (BasicSR-exact) on the uint8-rounded output, Y channel,
 crop = scale; gray images count as R = G = B, as BasicSR's OpenCV loader reads them. Precision defaults to
-fp32 here, so the numbers compare with the paper's. Writes OUTPUT/metrics.json and metrics.md (and .csv with
---csv); --save-images writes OUTPUT/{dataset}/SR/*.png and --compare OUTPUT/{dataset}/compare/*.png: the
-crop where SR gains most over bicubic, as bicubic | SR | HR side by side.
+fp32 here, so the numbers compare with the paper's.
+
+Writes into OUTPUT (-o, default results/evaluate): metrics.json and metrics.md (and metrics.csv with --csv);
+--save-images writes OUTPUT/{dataset}/SR/*.png and --compare OUTPUT/{dataset}/compare/*.png: the crop where
+SR gains most over bicubic, as bicubic | SR | HR side by side. An image that cannot be read or is too small is
+reported and left out of the averages, and the exit status is then 1; an unusable checkpoint, option or
+dataset folder is one error line and status 2.
 """
 
 from __future__ import annotations
@@ -29,11 +33,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from rgt import _cli
 from rgt.data.degrade import bicubic_degrade, modcrop, quantize_uint8
 from rgt.data.io import IMAGE_EXTENSIONS, read_image, write_image
 from rgt.data.resize import imresize
 from rgt.detect import official_name
-from rgt.inference.upscaler import PRECISIONS, Upscaler
+from rgt.inference.upscaler import Upscaler
 from rgt.metrics import Y_COEFFS, psnr, ssim
 
 log = logging.getLogger("rgt.evaluate")
@@ -179,19 +184,11 @@ def markdown(name: str, scale: int, label: str, rows: list[Row]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rgt.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("-m", "--checkpoint", required=True, help=".pth / .safetensors (official, BasicSR, ours)")
+    p = _cli.parser("python -m rgt.evaluate", __doc__)
+    _cli.add_model_options(p, precision="fp32", device="auto: the first GPU if any, else the CPU", tile_unit="LR")
     p.add_argument("-d", "--datasets", required=True, nargs="+", type=Path, help="dataset folders")
-    p.add_argument("-o", "--output", type=Path, default=Path("results/evaluate"), help="report folder")
-    p.add_argument("--model", choices=("rgt_s", "rgt"), help="use this preset instead of the detected config")
-    p.add_argument("-s", "--scale", type=int, help="check the checkpoint's scale")
-    p.add_argument("-x", "--tta", action="store_true", help="x8 self-ensemble: RGT+ numbers")
-    p.add_argument("-t", "--tile", type=int, default=0, help="tile side in LR px (0: whole image, the protocol)")
-    p.add_argument("--tile-overlap", type=int, default=32)
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="default fp32 (paper numbers)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--kernels", choices=("auto", "reference", "fused"), help="default: RGT_KERNELS or auto")
+    p.add_argument("-o", "--output", type=Path, default=Path("results/evaluate"),
+                   help="report folder: metrics.json, metrics.md (+ metrics.csv, {dataset}/SR, {dataset}/compare)")
     p.add_argument("--save-images", action="store_true", help="write the SR outputs as PNG")
     p.add_argument("--compare", action="store_true", help="write bicubic | SR | HR crops as PNG")
     p.add_argument("--crop-size", type=int, default=128, help="side of the comparison crops in HR px")
@@ -214,7 +211,22 @@ def write_reports(output: Path, meta: dict, results: dict[str, list[Row]], text:
                 writer.writerows([name, *asdict(r).values()] for r in rows)
 
 
+def evaluate_dataset(up: Upscaler, root: Path, args: argparse.Namespace) -> tuple[list[Row], list[str]]:
+    """(rows of the images that worked, one line per image that did not)."""
+    pairs = find_pairs(root, up.scale)
+    out_dir = args.output / root.name if (args.save_images or args.compare) else None
+    rows, failed = [], []
+    for pair in tqdm(pairs, desc=root.name, unit="img", dynamic_ncols=True):
+        try:
+            rows.append(evaluate_pair(up, pair, out_dir, args))
+        except (OSError, ValueError) as e:  # an unreadable or too small image: report it, keep going
+            failed.append(f"{pair.hr}: {e}" if str(pair.hr) not in str(e) else str(e))
+            tqdm.write(f"failed: {failed[-1]}")
+    return rows, failed
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Returns the exit status: 0; 1 if an image failed; 2 for a bad checkpoint, option or folder; 130 on Ctrl-C."""
     parser = build_parser()
     args = parser.parse_args(argv)
     missing = [str(d) for d in args.datasets if not d.is_dir()]
@@ -222,24 +234,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"not a folder: {', '.join(missing)}")
     args.datasets = [d.parent if d.name in HR_DIRS else d for d in args.datasets]  # DIR/HR given: use DIR
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    up = Upscaler(args.checkpoint, model=args.model, scale=args.scale, device=args.device, precision=args.precision,
-                  tile=args.tile, tile_overlap=args.tile_overlap, tta=args.tta, kernels=args.kernels)
+    try:
+        up = Upscaler(args.checkpoint, model=args.model, scale=args.scale, device=args.device,
+                      precision=args.precision, tile=args.tile, tile_overlap=args.tile_overlap, tta=args.tta,
+                      kernels=args.kernels)
+    except (OSError, ValueError, TypeError, RuntimeError) as e:
+        return _cli.fail(log, _cli.checkpoint_error(args.checkpoint, e))
     arch = (official_name(up.config) if up.config else None) or "RGT"
     label = f"{arch}{'+' if args.tta else ''} x{up.scale}"
     results: dict[str, list[Row]] = {}
-    for root in args.datasets:
-        name = root.name
-        pairs = find_pairs(root, up.scale)
-        out_dir = args.output / name if (args.save_images or args.compare) else None
-        results[name] = [evaluate_pair(up, p, out_dir, args) for p in tqdm(pairs, desc=name, unit="img")]
+    failed: list[str] = []
+    try:
+        for root in args.datasets:
+            rows, bad = evaluate_dataset(up, root, args)
+            failed += bad
+            if rows:
+                results[root.name] = rows
+    except (FileNotFoundError, ValueError) as e:  # a dataset folder without images or without its LR
+        return _cli.fail(log, str(e))
+    except KeyboardInterrupt:
+        return _cli.fail(log, "interrupted: no report written", _cli.INTERRUPTED)
     text = f"# {label} ({args.checkpoint}, {up.precision}, {up.device})\n\n" + "\n".join(
         markdown(name, up.scale, label, rows) for name, rows in results.items())
     print(text)
     meta = dict(checkpoint=str(args.checkpoint), model=label, scale=up.scale, tta=args.tta, precision=up.precision,
-                tile=args.tile, config=up.config)
+                tile=args.tile, config=up.config, failed=failed)
     write_reports(args.output, meta, results, text, args.csv)
-    log.info("reports written to %s", args.output)
-    return 0
+    log.info("reports written to %s (metrics.json, metrics.md%s)", args.output, ", metrics.csv" if args.csv else "")
+    if failed:
+        log.error("%d image(s) failed and are not in the averages:", len(failed))
+        for line in failed:
+            log.error("  %s", line)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

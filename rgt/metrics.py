@@ -10,10 +10,13 @@ The protocol, and why each part matters (other libraries differ by up to 1.3 dB)
   padding, no downsampling), C1 = (0.01 * 255)^2, C2 = (0.03 * 255)^2, then the mean over map and channels.
 
 Two entry points compute the same numbers (to ~1e-12 dB):
-- `psnr` / `ssim`: numpy reference path on one image (H, W, C) or (H, W), values in [0, 255] (uint8 or float,
-  used as given), the BasicSR convention.
+- `psnr` / `ssim`: numpy reference path on one image (H, W, C) or (H, W) as images come: uint8 (or integers)
+  and float in [0, 255] used as given (the BasicSR convention), float in [0, 1] (every value within
+  [-0.5, 1.5]) quantized to [0, 255] as `tensor2img` does. Given tensors, they call the torch path.
 - `psnr_torch` / `ssim_torch`: batched tensors (B, C, H, W) or (C, H, W), float in [0, 1] (quantized here as
   `tensor2img` does) or uint8, on any device: for validation on the GPU. They return one value per image.
+Other layouts (a channel-last tensor, a channel-first array) and 0..255 float tensors raise an error naming
+the expected layout and range.
 
 Other libraries: pyiqa matches the PSNR only with `create_metric('psnr', test_y_channel=True,
 color_space='ycbcr', crop_border=s)` on quantized inputs, and its SSIM rounds Y; piq and torchmetrics use
@@ -28,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from rgt.data.layout import UNIT_RANGE, check_layout, check_unit_range, to_tensor
 
 __all__ = ["psnr", "ssim", "psnr_torch", "ssim_torch"]
 
@@ -66,9 +71,17 @@ def _check_window(hw: tuple[int, int]) -> None:
 # ----------------------------------------------------------------------------------------------------- numpy
 
 
-def _numpy_planes(img: np.ndarray, crop_border: int, y_channel: bool) -> np.ndarray:
-    """(H, W[, C]) in [0, 255] -> float64 (C', H', W') after the crop and optional Y conversion."""
+def _to_255(img: np.ndarray) -> np.ndarray:
+    """float64 in [0, 255]: integers and [0, 255] floats as given, [0, 1] floats rounded like tensor2img."""
     x = np.asarray(img, dtype=np.float64)
+    if img.dtype.kind == "f" and img.size and UNIT_RANGE[0] <= x.min() and x.max() <= UNIT_RANGE[1]:
+        return np.round(np.clip(img.astype(np.float32), 0, 1) * 255).astype(np.float64)
+    return x
+
+
+def _numpy_planes(img: np.ndarray, crop_border: int, y_channel: bool) -> np.ndarray:
+    """(H, W[, C]) -> float64 (C', H', W') in [0, 255] after the crop and optional Y conversion."""
+    x = _to_255(img)
     x = x[:, :, None] if x.ndim == 2 else x
     if crop_border:
         x = x[crop_border:-crop_border, crop_border:-crop_border]
@@ -81,19 +94,19 @@ def _numpy_planes(img: np.ndarray, crop_border: int, y_channel: bool) -> np.ndar
 
 def _check_numpy(sr: np.ndarray, hr: np.ndarray, crop_border: int, y_channel: bool) -> None:
     for name, a in (("sr", sr), ("hr", hr)):
-        if not isinstance(a, np.ndarray) or a.ndim not in (2, 3):
-            raise ValueError(
-                f"{name} must be a numpy array (H, W) or (H, W, C), got {type(a).__name__} "
-                f"{getattr(a, 'shape', '')}"
-            )
+        check_layout(a, name)
         if a.dtype.kind not in "uif":
-            raise TypeError(f"{name} must be an integer or float array in [0, 255], got {a.dtype}")
+            raise TypeError(f"{name} must be an integer array in [0, 255] or a float one in [0, 1] or [0, 255], "
+                            f"got {a.dtype}")
     hwc = (*sr.shape[:2], sr.shape[2] if sr.ndim == 3 else 1)
     _check_pair(sr.shape, hr.shape, hwc, crop_border, y_channel)
 
 
-def psnr(sr: np.ndarray, hr: np.ndarray, crop_border: int, y_channel: bool = True) -> float:
-    """PSNR in dB of one image pair (H, W[, C]) with values in [0, 255]; inf for identical images."""
+def psnr(sr: np.ndarray | Tensor, hr: np.ndarray | Tensor, crop_border: int, y_channel: bool = True) -> float:
+    """PSNR in dB of one image pair (H, W[, C]), uint8 or float (see the module docstring for the ranges); inf
+    for identical images. Tensors go to `psnr_torch` (one value, or one per image of a batch)."""
+    if isinstance(sr, Tensor) or isinstance(hr, Tensor):
+        return _torch_result(psnr_torch(*_as_tensors(sr, hr), crop_border, y_channel))
     _check_numpy(sr, hr, crop_border, y_channel)
     a, b = _numpy_planes(sr, crop_border, y_channel), _numpy_planes(hr, crop_border, y_channel)
     mse = np.mean((a - b) ** 2)
@@ -118,8 +131,11 @@ def _ssim_plane(a: np.ndarray, b: np.ndarray, g: np.ndarray) -> float:
     return float(np.mean(num / den))
 
 
-def ssim(sr: np.ndarray, hr: np.ndarray, crop_border: int, y_channel: bool = True) -> float:
-    """SSIM of one image pair (H, W[, C]) in [0, 255]: the mean over channels of the mean SSIM map."""
+def ssim(sr: np.ndarray | Tensor, hr: np.ndarray | Tensor, crop_border: int, y_channel: bool = True) -> float:
+    """SSIM of one image pair (H, W[, C]) as in `psnr`: the mean over channels of the mean SSIM map. Tensors
+    go to `ssim_torch`."""
+    if isinstance(sr, Tensor) or isinstance(hr, Tensor):
+        return _torch_result(ssim_torch(*_as_tensors(sr, hr), crop_border, y_channel))
     _check_numpy(sr, hr, crop_border, y_channel)
     a, b = _numpy_planes(sr, crop_border, y_channel), _numpy_planes(hr, crop_border, y_channel)
     _check_window(a.shape[1:])
@@ -147,15 +163,27 @@ def _torch_planes(img: Tensor, crop_border: int, y_channel: bool, quantize: bool
     return x
 
 
+def _as_tensors(sr: np.ndarray | Tensor, hr: np.ndarray | Tensor) -> tuple[Tensor, Tensor]:
+    """A tensor and a numpy image (e.g. a model output and an image file) -> two tensors on one device."""
+    device = (sr if isinstance(sr, Tensor) else hr).device
+    return tuple(x if isinstance(x, Tensor) else to_tensor(x, name)[0].to(device)
+                 for x, name in ((sr, "sr"), (hr, "hr")))
+
+
+def _torch_result(value: Tensor) -> float | Tensor:
+    return float(value) if value.ndim == 0 else value
+
+
 def _check_torch(sr: Tensor, hr: Tensor, crop_border: int, y_channel: bool) -> None:
     for name, t in (("sr", sr), ("hr", hr)):
-        if not isinstance(t, Tensor) or t.ndim not in (3, 4):
-            raise ValueError(
-                f"{name} must be a tensor (B, C, H, W) or (C, H, W), got {type(t).__name__} "
-                f"{tuple(getattr(t, 'shape', ()))}"
-            )
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor (B, C, H, W) or (C, H, W) like the other, got "
+                            f"{type(t).__name__}")
+        check_layout(t, name)
         if t.dtype != torch.uint8 and not t.is_floating_point():
             raise TypeError(f"{name} must be uint8 in [0, 255] or float in [0, 1], got {t.dtype}")
+        if t.is_floating_point():
+            check_unit_range(t, name)
     hwc = (sr.shape[-2], sr.shape[-1], sr.shape[-3])
     _check_pair(tuple(sr.shape), tuple(hr.shape), hwc, crop_border, y_channel)
 

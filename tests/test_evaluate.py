@@ -1,6 +1,7 @@
 """`python -m rgt.evaluate` on two-image datasets made on the fly, checked against `rgt.metrics` by hand."""
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -106,3 +107,26 @@ def test_best_crop_finds_where_sr_gains_most():
     sr[:, 10:26, 30:46] = hr[:, 10:26, 30:46]  # SR is perfect there, bicubic-like elsewhere
     assert best_crop(sr, bic, hr, 16) == (10, 30, 16, 16)
     assert best_crop(sr, bic, hr, 500)[2:] == (60, 80)  # the crop is clipped to the image
+
+
+def test_unreadable_image_is_reported_and_skipped(ckpt, hr_only, tmp_path, caplog):
+    (hr_only / "HR" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    write_image(hr_only / "HR" / "dot.png", torch.rand(3, 1, 1))  # smaller than the scale
+    out = tmp_path / "report"
+    with caplog.at_level(logging.INFO, logger="rgt.evaluate"):
+        assert run(ckpt, [hr_only], out) == 1
+    report = json.loads((out / "metrics.json").read_text())
+    assert [r["image"] for r in report["datasets"]["Set2"]["images"]] == ["alpha", "beta"]
+    assert len(report["failed"]) == 2 and "broken.png" in report["failed"][0] and "dot.png" in report["failed"][1]
+    assert "2 image(s) failed and are not in the averages" in caplog.text
+
+
+def test_empty_folder_and_bad_checkpoint_are_one_line(ckpt, tmp_path, caplog):
+    (tmp_path / "Empty" / "HR").mkdir(parents=True)
+    (tmp_path / "zero.pth").touch()
+    for ck, text in ((ckpt, "no HR images in"), (tmp_path / "zero.pth", "zero.pth: empty file")):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="rgt.evaluate"):
+            assert run(ck, [tmp_path / "Empty"], tmp_path / "report") == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and text in errors[0], caplog.text

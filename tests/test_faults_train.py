@@ -41,8 +41,8 @@ def weights(path: Path) -> dict:
 
 def assert_same_weights(a: Path, b: Path) -> None:
     wa, wb = weights(a), weights(b)
-    assert set(wa) == set(wb) == {"params", "params_ema"}
-    for key in wa:
+    assert set(wa) == set(wb) == {"params", "params_ema", "config"} and wa["config"] == wb["config"]
+    for key in ("params", "params_ema"):
         assert all(torch.equal(wa[key][k], wb[key][k]) for k in wa[key]), (a, b, key)
 
 

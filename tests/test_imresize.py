@@ -69,6 +69,23 @@ def test_bicubic_degrade_float(baboon):
     assert torch.equal(raw, imresize(hr.double(), 1 / 4))
 
 
+def test_bicubic_degrade_takes_images_as_they_come(baboon):
+    """numpy (H, W, C) / (H, W) uint8 or float in [0, 1] give the tensor path's result in their own layout."""
+    expected = bicubic_degrade(baboon, 4)
+    hwc = baboon.permute(1, 2, 0).numpy()
+    lr = bicubic_degrade(hwc, 4)
+    assert isinstance(lr, np.ndarray) and lr.dtype == np.uint8 and lr.shape == (120, 123, 3)
+    assert np.array_equal(lr, expected.permute(1, 2, 0).numpy())
+    assert np.array_equal(bicubic_degrade(hwc[..., 0], 4), expected[0].numpy())  # gray (H, W)
+    lr_float = bicubic_degrade(hwc.astype(np.float32) / 255, 4)
+    assert lr_float.dtype == np.float32 and np.array_equal(np.round(lr_float * 255), lr.astype(np.float32))
+    assert torch.equal(bicubic_degrade(baboon[None], 4)[0], expected)  # (B, C, H, W)
+    with pytest.raises(ValueError, match=r"shape \(256, 256, 3\) looks like \(H, W, C\): pass t.permute"):
+        bicubic_degrade(torch.zeros(256, 256, 3, dtype=torch.uint8), 2)
+    with pytest.raises(ValueError, match=r"float hr must hold values in \[0, 1\], got \[6, 245\]: divide 0..255"):
+        bicubic_degrade(baboon.float(), 2)
+
+
 def test_bicubic_degrade_is_differentiable_without_quantize():
     hr = torch.rand(1, 3, 8, 12, generator=gen("degrade-grad"), dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: bicubic_degrade(x, 2, quantize=False), (hr,), fast_mode=True)
@@ -124,7 +141,7 @@ def test_errors():
         imresize(torch.zeros(4), 0.5)
     with pytest.raises(ValueError, match="non-empty"):
         imresize(torch.zeros(3, 0, 4), 0.5)
-    with pytest.raises(ValueError, match="multiple of scale 3: modcrop first"):
+    with pytest.raises(ValueError, match="hr size 10x9 \\(H x W\\) must be a multiple of scale 3: modcrop first"):
         bicubic_degrade(torch.zeros(3, 10, 9), 3)
     with pytest.raises(ValueError, match="positive int"):
         bicubic_degrade(torch.zeros(3, 8, 8), 2.0)

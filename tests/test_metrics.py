@@ -136,9 +136,9 @@ def test_errors():
         ssim(x, x, 3)
     with pytest.raises(TypeError, match="in \\[0, 255\\]"):
         psnr(x.astype(bool), x.astype(bool), 0)
-    with pytest.raises(ValueError, match="numpy array"):
+    with pytest.raises(ValueError, match="tensor sr must be \\(C, H, W\\) or \\(B, C, H, W\\)"):
         psnr(torch.zeros(16, 16), torch.zeros(16, 16), 0)
-    with pytest.raises(ValueError, match="tensor \\(B, C, H, W\\)"):
+    with pytest.raises(ValueError, match="tensor sr must be \\(C, H, W\\) or \\(B, C, H, W\\)"):
         psnr_torch(torch.zeros(16, 16), torch.zeros(16, 16), 0)
     with pytest.raises(TypeError, match="uint8 in \\[0, 255\\] or float"):
         ssim_torch(torch.zeros(3, 16, 16, dtype=torch.int64), torch.zeros(3, 16, 16, dtype=torch.int64), 0)
@@ -149,3 +149,25 @@ def test_cuda_matches_cpu():
     sr, hr = _random_pair("cuda-metrics", (2, 3, 40, 37))
     for fn in (psnr_torch, ssim_torch):
         torch.testing.assert_close(fn(sr.cuda(), hr.cuda(), 3).cpu(), fn(sr, hr, 3), rtol=0, atol=1e-10)
+
+
+def test_layouts_users_pass_give_one_answer():
+    """uint8 HWC (BasicSR), float [0, 1] HWC (skimage / numpy pipelines), tensors CHW and BCHW: the same dB."""
+    sr, hr = _random_pair("layouts-metrics", (3, 40, 37))
+    sr8, hr8 = (torch.round(x.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy() for x in (sr, hr))
+    for fn in (psnr, ssim):
+        ref = fn(sr8, hr8, 2)
+        # measured differences: 0 (numpy paths), <= 1.2e-16 (torch path, same float64 formulas)
+        assert fn(sr8 / 255.0, hr8 / 255.0, 2) == pytest.approx(ref, abs=1e-12)  # was 80.39 dB instead of 32.26
+        assert fn(sr8.astype(np.float32) / 255, hr8, 2) == pytest.approx(ref, abs=1e-12)
+        chw = [torch.from_numpy(x).permute(2, 0, 1) for x in (sr8, hr8)]
+        assert fn(chw[0].float() / 255, chw[1].float() / 255, 2) == pytest.approx(ref, abs=1e-12)
+        assert fn(chw[0].float() / 255, hr8, 2) == pytest.approx(ref, abs=1e-12)  # model output vs image file
+        batch = fn(chw[0][None], chw[1][None], 2)
+        assert batch.shape == (1,) and batch[0].item() == pytest.approx(ref, abs=1e-12)
+    with pytest.raises(ValueError, match=r"shape \(40, 37, 3\) looks like \(H, W, C\): pass t.permute\(2, 0, 1\)"):
+        psnr(torch.from_numpy(sr8), torch.from_numpy(hr8), 2)
+    with pytest.raises(ValueError, match=r"shape \(3, 40, 37\) looks like \(C, H, W\)"):
+        psnr(sr8.transpose(2, 0, 1), hr8.transpose(2, 0, 1), 2)
+    with pytest.raises(ValueError, match=r"float sr must hold values in \[0, 1\].*divide 0..255"):
+        psnr_torch(torch.from_numpy(sr8).permute(2, 0, 1).double(), torch.from_numpy(hr8).permute(2, 0, 1), 2)

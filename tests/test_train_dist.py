@@ -66,7 +66,8 @@ def test_ddp_two_processes_gloo(tmp_path, mode):
     moved = False
     for k, v in r0["params"].items():
         assert torch.equal(v, r1["params"][k]), k
-        assert torch.equal(v, ckpt[k]), k
+        # the file's shift masks are the img_size=64 ones (spandrel loads them), not the run's cache
+        assert k.rsplit(".", 1)[-1] in ("attn_mask_0", "attn_mask_1") or torch.equal(v, ckpt[k]), k
         moved |= not torch.equal(v, start.state_dict()[k])
     assert moved
     assert sorted(p.name for p in (root / "training_states").iterdir()) == ["3.state"]

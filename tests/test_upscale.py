@@ -1,6 +1,9 @@
 """`python -m rgt.upscale` end to end and the `rgt.Upscaler` API, on a tiny checkpoint and 20x24 images."""
 
 import logging
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ from PIL import Image
 
 import rgt
 from rgt.data import read_image, write_image
+from rgt.inference import tiled_forward
 from rgt.upscale import main
 
 H, W = 20, 24
@@ -100,8 +104,9 @@ def test_cli_bad_arguments(inputs, ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run("-i", tmp_path / "nothing*.png", "-o", tmp_path, "-m", ckpt)
     assert "no images" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="x2 model"):
-        run("-i", inputs / "rgb.png", "-o", tmp_path / "x.png", "-m", ckpt, "--scale", "4")
+    with pytest.raises(SystemExit):  # even with --overwrite, an output never replaces its input
+        run("-i", inputs / "rgb.png", "-o", inputs / "rgb.png", "-m", ckpt, "--overwrite")
+    assert "would overwrite its input (even with --overwrite)" in capsys.readouterr().err
 
 
 def test_torchrun_ranks_share_the_inputs(inputs, ckpt, tmp_path, monkeypatch):
@@ -161,3 +166,116 @@ def test_api_returns_the_kind_it_was_given(tiny):
     assert model_alpha.shape == (2 * H, 2 * W, 4) and not np.allclose(model_alpha[..., 3], up(rgba)[..., 3])
     with pytest.raises(TypeError, match="numpy array, a PIL image or a tensor"):
         up([[0.5]])
+
+
+def _bad_checkpoints(ckpt, tmp_path):
+    """(checkpoint, extra options, text the one error line must hold) for each way a model can be unusable."""
+    empty, cut, other = tmp_path / "empty.pth", tmp_path / "cut.pth", tmp_path / "conv.pth"
+    empty.touch()
+    cut.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    torch.save({"params": torch.nn.Conv2d(3, 3, 3).state_dict()}, other)
+    return [
+        (tmp_path / "missing.pth", [], "missing.pth"),
+        (empty, [], "empty.pth: empty file"),
+        (cut, [], "cut.pth"),
+        (other, [], "conv.pth: not an RGT checkpoint"),
+        (ckpt, ["--scale", "4"], "x2 model"),
+        (ckpt, ["--tile", "5"], "tile must be 0 (whole image) or >= 16 px, got 5"),
+        (ckpt, ["--tile", "32", "--tile-overlap", "16"], "tile_overlap must be in [0, tile/2)"),
+    ]
+
+
+def test_cli_unusable_checkpoint_or_option_is_one_line(inputs, ckpt, tmp_path, caplog):
+    for path, extra, text in _bad_checkpoints(ckpt, tmp_path):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="rgt.upscale"):
+            assert run("-i", inputs / "rgb.png", "-o", tmp_path / "x.png", "-m", path, *extra) == 2, text
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and text in errors[0].getMessage(), (text, caplog.text)
+        assert "\n" not in errors[0].getMessage() and errors[0].exc_info is None
+
+
+def test_cli_tile_alone_gets_an_overlap_that_fits(inputs, ckpt, tiny, tmp_path):
+    assert rgt.Upscaler(tiny, device="cpu", tile=64).overlap(64) == 16  # the README's tile 64: overlap 16
+    assert run("-i", inputs / "rgb.png", "-o", tmp_path / "t.png", "-m", ckpt, "--tile", "16") == 0
+    x = read_image(inputs / "rgb.png").image
+    with torch.no_grad():
+        expected = tiled_forward(tiny, x[None], 2, 16, 4)[0].clamp(0, 1)
+    torch.testing.assert_close(read_image(tmp_path / "t.png").image, torch.round(expected * 255) / 255,
+                               atol=0, rtol=0)  # the same ops in the same order: measured equal
+
+
+def test_cli_progress_on_one_image_and_tta_in_the_start_line(inputs, ckpt, tmp_path, caplog, capsys):
+    with caplog.at_level(logging.INFO, logger="rgt.upscale"):
+        assert run("-i", inputs / "rgb.png", "-o", tmp_path / "t.png", "-m", ckpt, "--tta") == 0
+    assert "TTA x8 (8 passes per image)" in caplog.text
+    assert "/16 [" in capsys.readouterr().err  # 8 passes x 2 residual groups, ticked as they finish
+
+
+def test_cli_failed_inputs_are_listed_on_their_own_lines(inputs, ckpt, tmp_path, caplog):
+    for name in ("bad1.png", "bad2.png"):
+        (inputs / name).write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with caplog.at_level(logging.INFO, logger="rgt.upscale"):
+        assert run("-i", inputs, "-o", tmp_path / "out", "-m", ckpt) == 1
+    messages = [r.getMessage() for r in caplog.records]
+    at = messages.index("2 of 8 input(s) failed:")
+    assert messages[at + 1].startswith(f"  cannot read image {inputs / 'bad1.png'}")
+    assert messages[at + 2].startswith(f"  cannot read image {inputs / 'bad2.png'}")
+
+
+def test_cli_rerun_in_place_skips_its_own_outputs(inputs, ckpt, caplog):
+    args = ("-i", inputs, "-o", inputs, "-m", ckpt, "--suffix", "_x2")
+    assert run(*args) == 0
+    with caplog.at_level(logging.INFO, logger="rgt.upscale"):
+        assert run(*args) == 0
+    assert not list(inputs.glob("*_x2_x2.*")) and len(list(inputs.glob("*_x2.*"))) == 6
+    assert "skipping 6 input(s) that are outputs of this command" in caplog.text
+
+
+def test_cli_ctrl_c_is_one_line_and_status_130(inputs, ckpt, tmp_path, monkeypatch, caplog):
+    done = []
+
+    def interrupted(up, src, dst, quality):
+        if done:
+            raise KeyboardInterrupt
+        done.append(dst)
+        write_image(dst, torch.zeros(3, 4, 4))
+
+    monkeypatch.setattr("rgt.upscale.upscale_file", interrupted)
+    with caplog.at_level(logging.INFO, logger="rgt.upscale"):
+        assert run("-i", inputs, "-o", tmp_path / "out", "-m", ckpt) == 130
+    assert "interrupted: finished outputs are complete" in caplog.text
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [done[0].name]
+
+
+def test_help_answers_without_torch_and_shows_defaults():
+    code = ("import runpy, sys\nsys.argv = ['rgt.upscale', '--help']\ntry:\n    runpy.run_module('rgt.upscale', "
+            "run_name='__main__')\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules, "
+            "'torch._inductor' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as in a user's shell
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.strip().endswith("False False") and "JPEG / WebP quality (default: 95)" in out
+    out = subprocess.run([sys.executable, "-m", "rgt.evaluate", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "(-o, default results/evaluate): metrics.json and metrics.md" in out
+
+
+def test_api_refuses_or_flags_odd_input(tiny, caplog, tmp_path):
+    up = rgt.Upscaler(tiny, device="cpu")
+    g = gen("api-odd")
+    with pytest.raises(ValueError, match=r"float image must hold values in \[0, 1\].*divide 0..255"):
+        up(torch.rand(H, W, 3, generator=g).numpy() * 255)
+    with pytest.raises(ValueError, match="no empty dimension"):
+        up(torch.rand(0, 3, H, W))
+    f = Image.fromarray(torch.rand(H, W, generator=g).numpy(), mode="F")
+    out = up(f)  # float stays float: not squashed to 256 levels
+    assert out.mode == "F" and out.size == (2 * W, 2 * H)
+    assert not np.allclose(np.asarray(out) * 255, np.round(np.asarray(out) * 255), atol=1e-3)
+    frames = [Image.new("RGB", (W, H), c) for c in ("red", "blue")]
+    frames[0].save(tmp_path / "anim.png", save_all=True, append_images=frames[1:])
+    with caplog.at_level(logging.WARNING, logger="rgt"):
+        with Image.open(tmp_path / "anim.png") as im:
+            assert up(im).size == (2 * W, 2 * H)
+        assert read_image(tmp_path / "anim.png").image.shape == (3, H, W)
+    assert "animated image with 2 frames: only frame 0 is upscaled" in caplog.text
+    assert "anim.png is animated (2 frames): only the first frame is used" in caplog.text

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rgt.data.layout import check_unit_range, to_tensor
 from rgt.data.resize import imresize
 
 __all__ = ["bicubic_degrade", "modcrop", "quantize_uint8"]
@@ -52,34 +53,36 @@ def quantize_uint8(img: Tensor) -> Tensor:
     return torch.floor(img.clamp(0, 1) * 255 + 0.5).to(torch.uint8)
 
 
-def bicubic_degrade(hr: Tensor, scale: int, *, quantize: bool = True) -> Tensor:
+def bicubic_degrade(hr: Tensor | np.ndarray, scale: int, *, quantize: bool = True) -> Tensor | np.ndarray:
     """MATLAB-exact bicubic downscaling by an integer factor, on hr's device, computed in float64.
 
     Args:
-        hr: (..., H, W) with H and W multiples of scale (apply `modcrop` first): uint8 in [0, 255], or
-            float in [0, 1].
+        hr: an image as it comes, H and W multiples of scale (apply `modcrop` first): numpy (H, W) or (H, W, C)
+            (PIL / OpenCV / imageio order), or a tensor (C, H, W) or (B, C, H, W); uint8 in [0, 255] or float
+            in [0, 1]. Other layouts, dtypes or a 0..255 float image raise an error that names the layout.
         scale: integer downscaling factor.
         quantize: for float input, round the result to k/255 like the stored uint8 LR files. Rounding has no
             gradient: pass False for a differentiable degradation. uint8 input always gives uint8 output.
 
     Returns:
-        (..., H/scale, W/scale), dtype of hr.
+        The same kind, layout and dtype as hr, H/scale x W/scale.
 
     Exactness: uint8 input reproduces MATLAB's LR files exactly. A float32 image of uint8 data holds
     float32(k/255), which differs from MATLAB's float64 k/255 by up to ~1e-8; after rounding, that flips a few
     pixels in a million by 1 LSB. Pass uint8 (as `rgt.data.prepare` does) when the files must match MATLAB.
     """
     _check_scale(scale)
-    if hr.ndim < 2:
-        raise ValueError(f"bicubic_degrade needs an image (..., H, W), got shape {tuple(hr.shape)}")
-    h, w = hr.shape[-2:]
-    if h % scale or w % scale or h == 0 or w == 0:
-        raise ValueError(f"image size {h}x{w} must be a positive multiple of scale {scale}: modcrop first")
-    if hr.dtype == torch.uint8:
-        return quantize_uint8(imresize(hr.to(torch.float64) / 255, 1 / scale))
-    if not hr.is_floating_point():
-        raise TypeError(f"bicubic_degrade needs a uint8 or float image, got {hr.dtype}")
-    lr = imresize(hr.to(torch.float64), 1 / scale)
+    x, back = to_tensor(hr, "hr")
+    h, w = x.shape[-2:]
+    if h % scale or w % scale:
+        raise ValueError(f"hr size {h}x{w} (H x W) must be a multiple of scale {scale}: modcrop first")
+    if x.dtype == torch.uint8:
+        return back(quantize_uint8(imresize(x.to(torch.float64) / 255, 1 / scale)))
+    if not x.is_floating_point():
+        raise TypeError(f"bicubic_degrade needs uint8 or float images (uint8 in [0, 255], float in [0, 1]), got "
+                        f"{x.dtype}")
+    check_unit_range(x, "hr")
+    lr = imresize(x.to(torch.float64), 1 / scale)
     if quantize:
         lr = quantize_uint8(lr).to(torch.float64) / 255
-    return lr.to(hr.dtype)
+    return back(lr.to(x.dtype))

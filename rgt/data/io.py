@@ -6,12 +6,16 @@ stored sideways). Writing is atomic: the file is encoded in memory, written to a
 folder and moved into place with `os.replace`, so an interrupted run never leaves a truncated image.
 
 16-bit PNGs with more than one channel (RGB, RGBA, gray + alpha): Pillow decodes and encodes them only at 8
-bits per channel (python-pillow/Pillow#1888, #7723), so they go through OpenCV (`pip install
-opencv-python-headless`, an optional dependency imported only for such files). 16-bit gray needs Pillow only.
+bits per channel (python-pillow/Pillow#1888, #7723), so they go through OpenCV (the `image16` extra,
+`pip install "rgt[image16]"`, imported only for such files). 16-bit gray needs Pillow only.
+
+Animated files (APNG, animated WebP, multi-page TIFF): the first frame is read, with a warning, as OpenCV-based
+tools (Real-ESRGAN) do silently.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from io import BytesIO
@@ -36,6 +40,8 @@ _WRITE_FORMATS = {
     ".tiff": "TIFF",
 }
 _ORIENTATION = 0x0112  # EXIF tag
+IMAGE16_HINT = 'pip install "rgt[image16]" (or opencv-python-headless)'
+log = logging.getLogger("rgt")
 
 
 class ImageReadError(OSError):
@@ -106,8 +112,8 @@ def _opencv_png16(path: Path, gray_alpha: bool) -> np.ndarray:
         import cv2
     except ImportError as e:
         raise ImageReadError(
-            "this is a 16-bit colour or gray + alpha PNG, which Pillow reads only at 8 bits; install "
-            "opencv-python-headless to read it at full precision"
+            f"this is a 16-bit colour or gray + alpha PNG, which Pillow reads only at 8 bits: {IMAGE16_HINT} "
+            "to read it at full precision"
         ) from e
     arr = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None or arr.dtype != np.uint16 or arr.ndim != 3:
@@ -120,6 +126,8 @@ def _opencv_png16(path: Path, gray_alpha: bool) -> np.ndarray:
 def _decode(path: Path) -> tuple[np.ndarray, int]:
     with Image.open(path) as im:
         im.load()  # decode now: truncated or corrupt data raises here
+        if getattr(im, "n_frames", 1) > 1:
+            log.warning("rgt: %s is animated (%d frames): only the first frame is used", path, im.n_frames)
         orientation = im.getexif().get(_ORIENTATION, 1)
         header = _png_header(path) if im.format == "PNG" else None
         if header is not None and header[0] == 16 and header[1] in (2, 4, 6):  # 16-bit RGB, gray + A, RGBA
@@ -184,7 +192,7 @@ def _encode_png16(arr: np.ndarray) -> bytes:
         import cv2
     except ImportError as e:
         raise ImportError(
-            "writing a 16-bit colour PNG needs opencv-python-headless (Pillow writes 8 bits per channel)"
+            f"writing a 16-bit colour PNG needs OpenCV (Pillow writes 8 bits per channel): {IMAGE16_HINT}"
         ) from e
     if arr.shape[2] == 2:  # gray + alpha: PNG has no 16-bit LA encoder in OpenCV, store as RGBA
         arr = arr[:, :, [0, 0, 0, 1]]

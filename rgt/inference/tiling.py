@@ -9,6 +9,7 @@ visible seams). Image borders get weight 1: there is no neighbour to blend with.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -104,7 +105,7 @@ def tiled_forward(
     ys, xs = tile_starts(H, th, overlap), tile_starts(W, tw, overlap)
     out = torch.zeros(B, C, H * scale, W * scale, device=x.device)
     total = torch.zeros(1, 1, H * scale, W * scale, device=x.device)
-    cells = [(i, j) for i in range(len(ys)) for j in range(len(xs))]
+    cells = list(itertools.product(range(len(ys)), range(len(xs))))
     for i, j in tqdm(cells, desc="tiles", unit="tile", leave=False, disable=not progress or len(cells) == 1):
         y0, x0 = ys[i], xs[j]
         sr = fn(x[..., y0 : y0 + th, x0 : x0 + tw]).float()  # (B, C, s th, s tw)

@@ -1,6 +1,6 @@
 """`rgt.Upscaler`: a loaded RGT plus everything around the forward pass that a user should not have to write.
 
-    up = rgt.Upscaler("RGT_S_x4.pth", device="cuda", precision="auto", tile=0)
+    up = rgt.Upscaler("RGT_S_x4.pth", device="auto", precision="auto", tile=0)
     big = up(image)        # numpy (H, W[, C]) uint8/uint16/float, PIL image, or tensor (C, H, W) / (B, C, H, W)
 
 Around the model it adds:
@@ -13,9 +13,14 @@ Around the model it adds:
   and the output cropped back;
 - precision: "auto" is bf16 autocast on GPUs that support it, else fp32 (fp16 overflows more easily: if a
   reduced-precision output has NaN/Inf, that image is redone in fp32 with a warning, and fp32 is kept);
-- tiles: whole image by default (RG-SA is global); `tile=N` runs N x N tiles blended over `tile_overlap`;
-  on a CUDA out-of-memory error the tile size is halved until it fits (warning), and kept for later images;
-- `tta=True`: the x8 self-ensemble (RGT+).
+- tiles: whole image by default (RG-SA is global); `tile=N` runs N x N tiles blended over `tile_overlap`
+  (default min(32, N / 4)); on a CUDA out-of-memory error the tile size is halved until it fits (warning), and
+  kept for later images;
+- `tta=True`: the x8 self-ensemble (RGT+);
+- `progress=True`: a bar over the residual groups of every pass (tiles x TTA), so a long image shows life;
+- odd input is refused or flagged: float images must hold [0, 1] (a 0..255 float image is an error, not
+  silently clipped), empty images are errors, PIL "F" (float) images come back as "F", and an animated image
+  gives a warning: only its first frame is upscaled (as Real-ESRGAN's OpenCV reader does).
 """
 
 from __future__ import annotations
@@ -29,17 +34,19 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
+from tqdm import tqdm
 
+from rgt._cli import PRECISIONS
 from rgt.arch import RGT
-from rgt.checkpoint import read_state_dict
+from rgt.checkpoint import read_checkpoint
+from rgt.data.layout import check_unit_range
 from rgt.data.resize import imresize
-from rgt.detect import load_model, resolve_config
-from rgt.inference.tiling import MIN_TILE, pad_to_valid, tiled_forward
+from rgt.detect import build_model, resolve_config
+from rgt.inference.tiling import MIN_TILE, pad_to_valid, tile_starts, tiled_forward
 from rgt.inference.tta import tta_forward
 
 log = logging.getLogger("rgt.upscale")
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -66,10 +73,10 @@ class Upscaler:
         checkpoint: a checkpoint path / state dict (config detected, see `rgt.load_model`) or a built RGT.
         model, scale: `load_model` overrides ("rgt_s" / "rgt"; the scale is checked against the weights).
         device: "cuda", "cuda:1", "cpu", ... or "auto". precision: "auto" | "fp32" | "bf16" | "fp16".
-        tile: 0 for whole images, else the tile side in input px. tile_overlap: input px shared by tiles.
-        tta: average the 8 flips/rotations. alpha: "bicubic" or "model".
+        tile: 0 for whole images, else the tile side in input px. tile_overlap: input px shared by tiles
+            (None: min(32, tile / 4)). tta: average the 8 flips/rotations. alpha: "bicubic" or "model".
         kernels: "auto" | "reference" | "fused" (default RGT_KERNELS). compile: torch.compile the model.
-        progress: show a progress bar over tiles.
+        progress: show a progress bar over the residual groups of every pass (tiles x TTA).
     """
 
     def __init__(
@@ -81,7 +88,7 @@ class Upscaler:
         device: str | torch.device | None = "auto",
         precision: str = "auto",
         tile: int = 0,
-        tile_overlap: int = 32,
+        tile_overlap: int | None = None,
         tta: bool = False,
         alpha: str = "bicubic",
         kernels: str | None = None,
@@ -90,9 +97,9 @@ class Upscaler:
     ):
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
-        if tile and tile < MIN_TILE:
+        if tile < 0 or 0 < tile < MIN_TILE:
             raise ValueError(f"tile must be 0 (whole image) or >= {MIN_TILE} px, got {tile}")
-        if tile and not 0 <= 2 * tile_overlap < tile:
+        if tile and tile_overlap is not None and not 0 <= 2 * tile_overlap < tile:
             raise ValueError(f"tile_overlap must be in [0, tile/2), got {tile_overlap} for tile {tile}")
         if alpha not in ("bicubic", "model"):
             raise ValueError(f"alpha must be 'bicubic' or 'model', got {alpha!r}")
@@ -102,13 +109,14 @@ class Upscaler:
             if kernels is not None:
                 net.set_kernels(kernels)
         else:
-            sd = read_state_dict(checkpoint)
-            self.config = resolve_config(sd, model=model, scale=scale)
-            net = load_model(sd, model=model, scale=scale, device=self.device, kernels=kernels)
+            sd, stored = read_checkpoint(checkpoint)
+            self.config = resolve_config(sd, stored=stored, model=model, scale=scale)
+            net = build_model(sd, self.config, self.device, kernels)
         self.model = net
         self.scale, self.in_chans = net.upscale, net.in_chans
         self._net = torch.compile(net, dynamic=True) if compile else net
         self.tile, self.tile_overlap, self.tta, self.alpha, self.progress = tile, tile_overlap, tta, alpha, progress
+        self._bar: tqdm | None = None  # the open progress bar of `_run`, ticked once per residual group
 
     # ------------------------------------------------------------------------------------------- forward
 
@@ -122,13 +130,54 @@ class Upscaler:
         xp, (h, w) = pad_to_valid(x)
         with self._autocast():
             y = self._net(xp)
+        if self._bar is not None and self._net is not self.model:  # compiled: no hooks inside, tick per pass
+            self._bar.update(len(self.model.layers))
         return y[..., : h * self.scale, : w * self.scale].float()
 
     def _tiled(self, x: Tensor, tile: int) -> Tensor:
         if tile <= 0 or tile >= max(x.shape[-2:]):
             return self._model_call(x)
-        overlap = self.tile_overlap if 2 * self.tile_overlap < tile else tile // 4  # smaller fallback tiles
-        return tiled_forward(self._model_call, x, self.scale, tile, overlap, progress=self.progress)
+        return tiled_forward(self._model_call, x, self.scale, tile, self.overlap(tile))
+
+    def overlap(self, tile: int) -> int:
+        """Overlap of `tile` px tiles: the one asked for while it fits (OOM fallback tiles are smaller), else
+        min(32, tile / 4)."""
+        if self.tile_overlap is not None and 2 * self.tile_overlap < tile:
+            return self.tile_overlap
+        return min(32, tile // 4)
+
+    def _passes(self, x: Tensor) -> int:
+        """Model calls one `_run` of x makes: tiles x TTA transforms."""
+        H, W = x.shape[-2:]
+        tiles = 1
+        if 0 < self.tile < max(H, W):
+            th, tw = min(self.tile, H), min(self.tile, W)
+            overlap = self.overlap(self.tile)
+            tiles = len(tile_starts(H, th, overlap)) * len(tile_starts(W, tw, overlap))
+        return tiles * (8 if self.tta else 1)
+
+    def _tick(self, *_) -> None:
+        """Forward hook of a residual group (returns None: a hook's return value replaces the output)."""
+        self._bar.update(1)
+
+    @contextlib.contextmanager
+    def _progress(self, x: Tensor):
+        """A bar over the residual groups of all passes of x, ticked by forward hooks (per pass when compiled)."""
+        if not self.progress or not hasattr(self.model, "layers"):  # e.g. ONNX tiles: they show their own bar
+            yield
+            return
+        groups = len(self.model.layers)
+        self._bar = tqdm(total=self._passes(x) * groups, desc=f"{x.shape[-2]}x{x.shape[-1]}", unit="group",
+                         leave=False, dynamic_ncols=True)
+        hooks = [] if self._net is not self.model else [
+            layer.register_forward_hook(self._tick) for layer in self.model.layers]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+            self._bar.close()
+            self._bar = None
 
     def _with_oom_fallback(self, x: Tensor) -> Tensor:
         """Whole image (or the set tile); on CUDA OOM halve the tile until it fits, down to MIN_TILE."""
@@ -151,7 +200,7 @@ class Upscaler:
 
     def _run(self, x: Tensor) -> Tensor:
         """(B, in_chans, H, W) on the device -> (B, in_chans, sH, sW) float32, NaN-safe in reduced precision."""
-        with torch.inference_mode():
+        with torch.inference_mode(), self._progress(x):
             fn = self._with_oom_fallback
             y = tta_forward(fn, x) if self.tta else fn(x)
             if self.precision != "fp32" and not torch.isfinite(y).all():
@@ -180,6 +229,8 @@ class Upscaler:
             (image (…, C, sH, sW), alpha (…, 1, sH, sW) or None), clamped to [0, 1].
         """
         batched = image.ndim == 4
+        if image.ndim not in (3, 4) or 0 in image.shape:
+            raise ValueError(f"images are (C, H, W) or (B, C, H, W) with no empty dimension, got {tuple(image.shape)}")
         x = (image if batched else image[None]).to(self.device, torch.float32)
         y = self._planes(x).clamp(0, 1)
         a = None
@@ -197,8 +248,9 @@ class Upscaler:
         """Upscale one image (or a tensor batch) and return it as the same kind, dtype and channel layout.
 
         numpy: (H, W) or (H, W, C), C = 1/2/3/4 (gray, gray+alpha, RGB, RGBA), uint8, uint16 or float in [0, 1].
-        PIL: modes L, LA, RGB, RGBA, I;16, P (P comes back as RGB/RGBA). tensor: (C, H, W) or (B, C, H, W),
-        same channel meanings, float in [0, 1] or uint8.
+        PIL: modes L, LA, RGB, RGBA, I;16, F (float in [0, 1], kept float), P (comes back as RGB/RGBA); only
+        the first frame of an animated image (with a warning). tensor: (C, H, W) or (B, C, H, W), same channel
+        meanings, float in [0, 1] or uint8. Float input outside [-0.5, 1.5] (e.g. 0..255) is a ValueError.
         """
         if isinstance(image, Image.Image):
             return _upscale_pil(self, image)
@@ -226,6 +278,7 @@ def _upscale_tensor(up: Upscaler, t: Tensor) -> Tensor:
         return torch.round(_upscale_tensor(up, t.float() / 255) * 255).to(torch.uint8)
     if not t.is_floating_point():
         raise TypeError(f"tensor images must be float in [0, 1] or uint8, got {t.dtype}")
+    check_unit_range(t)
     image, alpha = _split_alpha(t, t.ndim - 3)
     y, a = up.upscale(image, alpha)
     return (y if a is None else torch.cat([y, a], dim=t.ndim - 3)).to(t.dtype)
@@ -247,6 +300,10 @@ def _upscale_numpy(up: Upscaler, arr: np.ndarray) -> np.ndarray:
 
 
 def _upscale_pil(up: Upscaler, im: Image.Image) -> Image.Image:
+    if getattr(im, "n_frames", 1) > 1:
+        log.warning("rgt: animated image with %d frames: only frame %d is upscaled", im.n_frames, im.tell())
+    if im.mode == "F":  # 32-bit float gray: stays float
+        return Image.fromarray(_upscale_numpy(up, np.asarray(im, dtype=np.float32)), mode="F")
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     if im.mode.startswith("I;16") or im.mode == "I":

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rgt.checkpoint import atomic_write, is_derived, save_checkpoint
+from rgt.checkpoint import atomic_write, is_derived, load_file, save_checkpoint
 
 log = logging.getLogger("rgt.train")
 
@@ -114,7 +114,7 @@ def read_file(path: Path, what: str) -> dict:
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4" for foreign pickles: the error says it
             warnings.simplefilter("ignore", UserWarning)
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = load_file(path)  # zip CRCs and finite values checked; CheckpointError is a ValueError
     except _LOAD_ERRORS as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
         raise StateError(f"{path}: cannot read this {what}, truncated or corrupt ({reason})") from None
