@@ -12,6 +12,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from _utils import RWIN_CASES as RWIN_KERNEL_CASES
 from _utils import SMALL96, TINY, gen
 
 from rgt import RGT
@@ -25,14 +26,10 @@ FP64_REL = 1e-13
 TINY_CHUNK = 1  # bytes: one window (L-SA) or one query row (RG-SA) per SDPA call
 MID_CHUNK = 2 * 2**20  # the real geometry at 32x64: single rows, split into column chunks in the 32x8 branch
 
-# id, B, H, W, split, shift, heads, head dim
-RWIN_CASES = [
-    ("pad-17x23-shift", 1, 17, 23, (8, 16), True, 2, 8),
-    ("pad-40x52-noshift", 1, 40, 52, (8, 32), False, 2, 4),
-    ("exact-8x16-b2-shift", 2, 8, 16, (4, 8), True, 4, 6),
+# the fused kernel's geometry cases (padding, shifts, batches, odd windows), plus larger maps of the real one
+RWIN_CASES = RWIN_KERNEL_CASES + [
     ("real-32x64-hd30-shift", 1, 32, 64, (8, 32), True, 6, 30),
-    ("real-32x64-hd30-noshift", 1, 32, 64, (8, 32), False, 6, 30),
-    ("odd-window-3x6", 2, 5, 11, (3, 6), True, 2, 5),
+    ("real-32x64-hd30-noshift", 2, 32, 64, (8, 32), False, 6, 30),
 ]
 # id, N, N', dqk, dv: the model's 15/30 (q, k padded to 30), tiny-config dims, dqk > dv (v padded)
 RGSA_CASES = [
@@ -63,7 +60,7 @@ def rwin_inputs(case_id, B, H, W, split, heads, D):
 @pytest.mark.parametrize("chunk", ["default", "small"])
 def test_rwin_matches_reference(case, chunk):
     case_id, B, H, W, split, shift, heads, D = case
-    chunk = portable.CHUNK_BYTES if chunk == "default" else (MID_CHUNK if D == 30 else TINY_CHUNK)
+    chunk = portable.CHUNK_BYTES if chunk == "default" else (MID_CHUNK if H * W >= 2048 else TINY_CHUNK)
     qkv, bias, dout = rwin_inputs(case_id, B, H, W, split, heads, D)
     args = (H, W, split, shift, heads, D**-0.5)
     expected = grads(lambda a, b: reference.rwin_attention(a, b, *args), (qkv, bias), dout)
@@ -72,6 +69,9 @@ def test_rwin_matches_reference(case, chunk):
                     (qkv.to(dtype), bias.to(dtype)), dout)
         for name, g, e in zip(("out", "dqkv", "dbias"), got, expected, strict=True):
             assert g.dtype == dtype and rel(g, e) <= tol, (name, dtype, rel(g, e))
+        with torch.no_grad():  # inference: chunks copied into place, and SDPA's flash kernel takes the mask
+            out = portable.rwin_attention(qkv.to(dtype), bias.to(dtype), *args, chunk_bytes=chunk)
+        assert rel(out, expected[0]) <= tol, ("no_grad out", dtype, rel(out, expected[0]))
 
 
 @pytest.mark.parametrize("case", RGSA_CASES, ids=[c[0] for c in RGSA_CASES])

@@ -88,8 +88,10 @@ def _branch(x: Tensor, dst: Tensor, bias: Tensor, hs: int, ws: int, shift: bool,
     """One L-SA branch. x: (B, Hp, Wp, 3, hb, hd) padded q|k|v; dst: (B, H, W, hb, hd) output view."""
     B, Hp, Wp, _, hb, hd = x.shape
     nH, nWc, N = Hp // hs, Wp // ws, hs * ws
-    if shift:
-        x = torch.roll(x, shifts=(-(hs // 2), -(ws // 2)), dims=(1, 2))
+    if shift:  # one pass, where torch.roll makes one per dim
+        rolled = x.new_empty(x.shape)
+        _roll_crop_into(rolled, x, Hp - hs // 2, Wp - ws // 2)
+        x = rolled
     # (3, B, nH, nWc*hb, N, hd): windows of a row and their heads side by side, so that one mask row broadcasts
     win = x.reshape(B, nH, hs, nWc, ws, 3, hb, hd).permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, B, nH, nWc * hb,
                                                                                            N, hd)
@@ -97,11 +99,16 @@ def _branch(x: Tensor, dst: Tensor, bias: Tensor, hs: int, ws: int, shift: bool,
         table = (row_masks(Hp, Wp, hs, ws, x.device, x.dtype)[:, :, None] + bias).reshape(-1, 1, nWc * hb, N, N)
     else:
         table = bias[None]  # (1, hb, N, N), q seen as (windows, hb, N, hd)
-    # chunks: whole window rows when one fits in chunk_bytes, else window columns of a single row
+    # Outputs in image order. Without autograd each chunk is copied into place (straight into dst when there
+    # is neither shift nor padding); with autograd they are joined by cat, because autograd would copy the
+    # whole buffer once per in-place chunk.
+    grad = torch.is_grad_enabled() and (x.requires_grad or bias.requires_grad)
+    direct = not shift and dst.shape[1:3] == (Hp, Wp)
+    img = None if grad else (dst if direct else x.new_empty(B, Hp, Wp, hb, hd))
     per_window = hb * N * N * x.element_size()
     cols = min(nWc, max(1, chunk_bytes // per_window))
     rows = max(1, chunk_bytes // (per_window * nWc)) if cols == nWc else 1
-    ys = []  # joined by cat, not copied into a buffer: autograd would copy the whole buffer per chunk
+    ys = []
     for b in range(B):
         for r0, r1 in _row_chunks(nH, rows, shift):
             parts = []
@@ -115,14 +122,18 @@ def _branch(x: Tensor, dst: Tensor, bias: Tensor, hs: int, ws: int, shift: bool,
                     mask = table
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
                 # (rows, cols, hb, N, hd) as views: SDPA may return its output in (batch, N, heads, hd) memory
-                parts.append(y.unflatten(1, (c1 - c0, hb)) if shift else y.unflatten(0, (r1 - r0, c1 - c0)))
-            ys.append(_cat(parts, 1))
-    y = _cat(ys, 0).unflatten(0, (B, nH)).unflatten(-2, (hs, ws))  # (B, nH, nWc, hb, hs, ws, hd)
-    y = y.permute(0, 1, 4, 2, 5, 3, 6)  # (B, nH, hs, nWc, ws, hb, hd): image order
-    if not shift and dst.shape[1:3] == (Hp, Wp):
-        dst.view(B, nH, hs, nWc, ws, hb, hd).copy_(y)
-    else:
-        _roll_crop_into(dst, y.reshape(B, Hp, Wp, hb, hd), hs // 2 if shift else 0, ws // 2 if shift else 0)
+                y = y.unflatten(1, (c1 - c0, hb)) if shift else y.unflatten(0, (r1 - r0, c1 - c0))
+                if img is None:
+                    parts.append(y)
+                else:
+                    img[b, r0 * hs : r1 * hs, c0 * ws : c1 * ws].view(r1 - r0, hs, c1 - c0, ws, hb, hd).copy_(
+                        y.unflatten(3, (hs, ws)).permute(0, 3, 1, 4, 2, 5))
+            ys.append(_cat(parts, 1) if parts else None)
+    if img is None:
+        y = _cat(ys, 0).unflatten(0, (B, nH)).unflatten(-2, (hs, ws))  # (B, nH, nWc, hb, hs, ws, hd)
+        img = y.permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Hp, Wp, hb, hd)  # image order
+    if img is not dst:
+        _roll_crop_into(dst, img, hs // 2 if shift else 0, ws // 2 if shift else 0)
 
 
 def _cat(parts: list[Tensor], dim: int) -> Tensor:
@@ -140,9 +151,10 @@ def rwin_attention(qkv: Tensor, bias_table: Tensor, H: int, W: int, split: tuple
         (B, H*W, C), channels [branch 0 | branch 1].
 
     Performance:
-        chunk_bytes: bound on the scores of one SDPA call (a few window rows). Per branch the work is: pad and
-            roll (one copy each, only when needed), one copy into window order for q, k and v together, SDPA,
-            and one copy back (two with a shift: window order, then roll + crop).
+        chunk_bytes: bound on the scores of one SDPA call (window rows, or columns of one row). Per branch
+            the copies are: the zero padding (only when H, W are not multiples of max(split)), the roll (shifted
+            blocks), one into window order for q, k and v together, and one back into place (two for shifted or
+            padded blocks, and one more with autograd, which gets the chunks joined by cat).
     """
     B, L, C3 = qkv.shape
     C = C3 // 3
