@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -20,8 +19,9 @@ class Gate(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
 
-    def forward(self, x1: Tensor, x2: Tensor, H: int, W: int) -> Tensor:
-        """x1, x2: (B, L, dim), the two halves of the MLP's hidden features -> (B, L, dim)."""
+    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
+        """x: (B, L, 2*dim) -> (B, L, dim)."""
+        x1, x2 = x.chunk(2, dim=-1)
         x2 = image_to_tokens(self.conv(tokens_to_image(self.norm(x2), H, W)))
         return x1 * x2
 
@@ -38,11 +38,8 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor, H: int, W: int) -> Tensor:
-        # fc1 as two half-width matmuls, the gate's halves: the same sums, and the LayerNorm of the second half
-        # reads a contiguous tensor instead of copying a strided slice
-        x1, x2 = (self.drop(self.act(F.linear(x, w, b)))
-                  for w, b in zip(self.fc1.weight.chunk(2), self.fc1.bias.chunk(2), strict=True))
-        x = self.drop(self.sg(x1, x2, H, W))
+        x = self.drop(self.act(self.fc1(x)))
+        x = self.drop(self.sg(x, H, W))
         return self.drop(self.fc2(x))
 
 
@@ -103,7 +100,7 @@ class Block(nn.Module):
         res = x
         x = x + self.drop_path(self.attn(self.norm1(x), H, W))
         x = x + self.drop_path(self.mlp(self.norm2(x), H, W))
-        return torch.addcmul(x, res, self.gamma)  # x + res * gamma in one pass
+        return x + res * self.gamma
 
 
 class ResidualGroup(nn.Module):
