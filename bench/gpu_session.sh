@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Everything only a GPU can show, in one go: build the CUDA extension, run the gpu-marked tests, run the four
-# benchmarks and the sm_90 compile report with measured times beside its floors, and leave logs and JSON
-# results in $OUT (default bench/results/gpu_session). Meant for a lent GPU machine with torch and triton
-# preinstalled (nothing downloaded), run from the repository root:
+# Everything only a GPU can show, in one go: build the CUDA extension, run the gpu-marked tests, run the
+# benchmarks (the four op/step/data scripts and bench/model.py) and the sm_90 compile report with measured times
+# beside its floors, and leave logs and JSON results in $OUT (default bench/results/gpu_session). Meant for a lent
+# GPU machine with torch and triton preinstalled (nothing downloaded), run from the repository root:
 #
 #   bash bench/gpu_session.sh [tests|bench|all]      # default all; each part fits in about 10 minutes on an H200
 #
@@ -27,5 +27,7 @@ if [[ $part == bench || $part == all ]]; then
     done
     # The sm_90 compile report with each op's measured time beside its analytic floor.
     python3 bench/sm90.py --time --jobs 8 --out "$out/sm90.json" 2>&1 | tee "$out/sm90.log" | tail -30 || status=1
+    # whole images (64x64, 256x256, 750x1000; RGT-S and RGT, x2 and x4) and a training step, every provider
+    python3 bench/model.py --models rgt_s --scales 4 --compile --out "$out/model.json" 2>&1 | tee "$out/model.log" | tail -40 || status=1
 fi
 exit $status

@@ -43,3 +43,16 @@ def spec_input(H: int, W: int, B: int = 1, C: int = 3) -> torch.Tensor:
 
 TINY = dict(upscale=2, embed_dim=36, depth=[2, 2], num_heads=[6, 6], mlp_ratio=2, split_size=[8, 32], c_ratio=0.5)
 SMALL96 = dict(TINY, embed_dim=96)
+
+# Rectangle-window attention geometries (fused and portable tests): id, B, H, W, split, shift, heads, head dim
+RWIN_CASES = [
+    ("pad-17x23-shift", 1, 17, 23, (8, 16), True, 2, 8),
+    ("pad-40x52-noshift", 1, 40, 52, (8, 32), False, 2, 4),
+    ("exact-8x16-b2-shift", 2, 8, 16, (4, 8), True, 4, 6),
+    ("exact-8x16-noshift", 1, 8, 16, (4, 8), False, 2, 6),
+    ("real-8x32-hd30-shift", 1, 20, 24, (8, 32), True, 2, 30),
+    ("real-8x32-hd30-noshift", 1, 20, 24, (8, 32), False, 2, 30),
+    ("square-8x8-hd64", 1, 12, 10, (8, 8), True, 2, 64),
+    ("odd-window-3x6", 1, 5, 11, (3, 6), True, 2, 5),
+    ("tiny-window-2x4", 1, 3, 7, (2, 4), True, 2, 6),
+]

@@ -58,6 +58,19 @@ def test_train_step_bench(tmp_path):
     assert all(r["it_per_s"] > 0 and r["batch"] == 2 for r in result["records"])
 
 
+def test_model_bench(tmp_path):
+    """Whole-model providers on identical weights: each checked against the first (the reference) before timing."""
+    result = run_bench("model", tmp_path)
+    records = {(r["mode"], r["provider"]): r for r in result["records"]}
+    for mode in ("inference", "train"):
+        for provider in ("reference", "portable", "auto"):
+            r = records[(mode, provider)]
+            assert r["status"] == "ok" and r["ms_p50"] > 0 and r["images_per_s"] > 0, r
+            assert r["max_rel_err"] <= 1e-4, r  # fp32 vs the fp32 reference; measured <= 2.3e-7
+            assert r["peak_rss_gb"] > 0 or torch.cuda.is_available(), r
+        assert records[(mode, "official")]["status"].startswith(("ok", "skipped")), records[(mode, "official")]
+
+
 def test_data_bench(tmp_path):
     result = run_bench("data", tmp_path)
     assert [r["degrade_on"] for r in result["records"]] == ["worker", "device"]  # the quickstart is HR only

@@ -293,7 +293,7 @@ def test_dispatch_without_extension(monkeypatch):
     """A failed build: 'auto' falls back to the reference with one warning, 'fused' says how to build."""
     monkeypatch.setattr(_ext, "load_error", lambda: "the C++ extension rgt._C could not be loaded (test). "
                         "Build it with `pip install --no-build-isolation -e .` against the torch you run.")
-    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(dispatch, "_said", set())
     x, w, b = make_inputs("no-ext", 1, 3, 16, 16, 4)
     with pytest.raises(RuntimeError, match=r"kernels='fused'.*pip install --no-build-isolation -e \."):
         recursive_dwconv(x, w, b, 2, kernels="fused")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _utils import SMALL96, gen
+from _utils import RWIN_CASES, SMALL96, gen
 from rgt.kernels import rwin_attn
 
 from rgt.ops import reference, rwin_attention
@@ -24,18 +24,7 @@ FP32_REL = 3e-6
 MODEL_REL, MODEL_ATOL = 1e-4, 3e-8
 LOW_FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # ~2 ulp of the dtype at the tensor's max
 
-# id, B, H, W, split, shift, heads, head dim
-CASES = [
-    ("pad-17x23-shift", 1, 17, 23, (8, 16), True, 2, 8),
-    ("pad-40x52-noshift", 1, 40, 52, (8, 32), False, 2, 4),
-    ("exact-8x16-b2-shift", 2, 8, 16, (4, 8), True, 4, 6),
-    ("exact-8x16-noshift", 1, 8, 16, (4, 8), False, 2, 6),
-    ("real-8x32-hd30-shift", 1, 20, 24, (8, 32), True, 2, 30),
-    ("real-8x32-hd30-noshift", 1, 20, 24, (8, 32), False, 2, 30),
-    ("square-8x8-hd64", 1, 12, 10, (8, 8), True, 2, 64),
-    ("odd-window-3x6", 1, 5, 11, (3, 6), True, 2, 5),
-    ("tiny-window-2x4", 1, 3, 7, (2, 4), True, 2, 6),
-]
+CASES = RWIN_CASES
 
 
 def make_inputs(case_id: str, B: int, H: int, W: int, split, heads: int, D: int, dtype=torch.float64):

@@ -109,6 +109,28 @@ def test_oom_falls_back_to_halved_tiles(tiny, caplog):
         up.upscale(x)
 
 
+def test_cpu_allocator_oom_falls_back_to_tiles(tiny, caplog):
+    """The CPU allocator's error (a plain RuntimeError) falls back to tiles like CUDA's; other errors do not."""
+    def oom_above(x):
+        if max(x.shape[-2:]) > 24:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 51336000000 bytes. Error code 12")
+        return tiny(x)
+
+    up = rgt.Upscaler(tiny, device="cpu")
+    up._net = oom_above
+    x = torch.rand(3, 20, 40, generator=gen("cpu-oom"))
+    with caplog.at_level(logging.WARNING, logger="rgt.upscale"):
+        y = up.upscale(x)[0]
+    assert "CPU out of memory on a 20x40 input with the whole image; retrying with 20 px tiles" in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(y, tiled_forward(tiny, x[None], 2, 20, 5)[0].clamp(0, 1), atol=1e-6, rtol=0)
+    up.tile, up._net = 0, lambda x: torch.ones(2, 3).matmul(torch.ones(2, 3))  # a bug, not memory: no retry
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        up.upscale(x)
+    assert up.tile == 0
+
+
 def test_reduced_precision_nan_falls_back_to_fp32(tiny, caplog):
     up = rgt.Upscaler(tiny, device="cpu", precision="bf16")
     assert rgt.Upscaler(tiny, device="cpu").precision == "fp32"  # auto on CPU

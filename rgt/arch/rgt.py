@@ -127,6 +127,10 @@ class RGT(KernelSwitch, nn.Module):
         self.upsample = Upsample(upscale, NUM_FEAT)
         self.conv_last = nn.Conv2d(NUM_FEAT, in_chans, 3, 1, 1)
         self.apply(_init_weights)
+        # channels_last conv weights: the tokens (B, H*W, C) seen as (B, C, H, W) are channels_last, and oneDNN
+        # takes NCHW weights as a request to copy every conv's input to NCHW and give an NCHW output, which the
+        # next token op copies back. The state_dict is unchanged (same keys, shapes and values).
+        self.to(memory_format=torch.channels_last)
         self.set_kernels(default_mode() if kernels is None else kernels)
 
     def set_kernels(self, mode: str) -> None:
@@ -152,7 +156,7 @@ class RGT(KernelSwitch, nn.Module):
         x = self.conv_first(x)
         x = self.conv_after_body(self.forward_features(x)) + x
         x = self.conv_last(self.upsample(self.conv_before_upsample(x)))
-        return x / self.img_range + mean
+        return (x / self.img_range + mean).contiguous()  # channels_last from the convs
 
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor) or x.ndim != 4:

@@ -14,8 +14,8 @@ Around the model it adds:
 - precision: "auto" is bf16 autocast on GPUs that support it, else fp32 (fp16 overflows more easily: if a
   reduced-precision output has NaN/Inf, that image is redone in fp32 with a warning, and fp32 is kept);
 - tiles: whole image by default (RG-SA is global); `tile=N` runs N x N tiles blended over `tile_overlap`
-  (default min(32, N / 4)); on a CUDA out-of-memory error the tile size is halved until it fits (warning), and
-  kept for later images;
+  (default min(32, N / 4)); on an out-of-memory error (any device: CPU allocator, CUDA, MPS) the tile size is
+  halved until it fits (warning), and kept for later images;
 - `tta=True`: the x8 self-ensemble (RGT+);
 - `progress=True`: a bar over the residual groups of every pass (tiles x TTA), so a long image shows life;
 - odd input is refused or flagged: float images must hold [0, 1] (a 0..255 float image is an error, not
@@ -64,6 +64,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether exc is an out-of-memory error of any device: torch.OutOfMemoryError (CUDA; MPS and XPU in recent
+    torch), or the RuntimeError that the CPU allocator ("DefaultCPUAllocator: can't allocate memory") and older
+    MPS backends ("MPS backend out of memory") raise."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):  # the same class as torch.OutOfMemoryError (torch >= 2.5)
+        return True
+    msg = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in msg or "out of memory" in msg)
 
 
 class Upscaler:
@@ -180,22 +190,25 @@ class Upscaler:
             self._bar = None
 
     def _with_oom_fallback(self, x: Tensor) -> Tensor:
-        """Whole image (or the set tile); on CUDA OOM halve the tile until it fits, down to MIN_TILE."""
+        """Whole image (or the set tile); out of memory on any device: halve the tile until it fits, down to
+        MIN_TILE."""
         tile, side = self.tile, max(x.shape[-2:])
         while True:
             current = tile if 0 < tile < side else side
             try:
                 return self._tiled(x, tile)
-            except torch.cuda.OutOfMemoryError:
-                if current // 2 < MIN_TILE:
+            except Exception as exc:
+                if not is_out_of_memory(exc) or current // 2 < MIN_TILE:
                     raise
             # Outside the except block: the traceback, which holds the failed pass's activations, is freed.
             tile = current // 2
-            log.warning("rgt: CUDA out of memory on a %dx%d input with %s; retrying with %d px tiles "
-                        "(tiling changes the output slightly: RG-SA is global)", *x.shape[-2:],
-                        "the whole image" if current == side else f"{current} px tiles", tile)
-            if torch.cuda.is_available():
+            log.warning("rgt: %s out of memory on a %dx%d input with %s; retrying with %d px tiles "
+                        "(tiling changes the output slightly: RG-SA is global)", x.device.type.upper(),
+                        *x.shape[-2:], "the whole image" if current == side else f"{current} px tiles", tile)
+            if x.device.type == "cuda":
                 torch.cuda.empty_cache()
+            elif x.device.type == "mps":
+                torch.mps.empty_cache()
             self.tile = tile  # later images start from the size that fitted
 
     def _run(self, x: Tensor) -> Tensor:

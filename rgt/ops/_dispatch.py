@@ -1,8 +1,9 @@
 """Choosing between the fused kernels and the plain-PyTorch reference, per op and per input tensor.
 
-Modes: "reference" always runs `rgt.ops.reference`; "fused" runs the Triton / C++ op and raises if it cannot;
-"auto" runs the fused op where it can run on the given tensor and the reference otherwise. The environment
-variable RGT_KERNELS sets the default mode.
+Modes: "reference" always runs `rgt.ops.reference` (the float64-faithful oracle); "fused" runs the Triton / C++
+op and raises if it cannot; "portable" runs `rgt.ops.portable` (memory-bounded SDPA attentions, any device;
+the reference for ops without a portable version); "auto" runs the fused op where it can run on the given
+tensor and the portable one otherwise. The environment variable RGT_KERNELS sets the default mode.
 
 Availability: a Triton kernel runs on CUDA tensors, or on CPU tensors only under TRITON_INTERPRET=1 (the
 interpreter the tests use); a C++ op runs wherever `rgt._C` was built with a kernel for the tensor's device.
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from rgt.ops import _ext
 
-MODES = ("auto", "reference", "fused")
+MODES = ("auto", "reference", "fused", "portable")
 # Triton ops are defined with torch.library.triton_op / wrap_triton, which torch 2.6 introduced.
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 TRITON_OPS = HAS_TRITON and hasattr(torch.library, "triton_op")
@@ -74,36 +75,50 @@ def extension_unavailable(x: Tensor) -> str | None:
 
 @dataclass(frozen=True)
 class Op:
-    """One op and its two implementations. `unavailable(x)` says why `fused` cannot run on x (None: it can)."""
+    """One op and its implementations. `unavailable(x)` says why `fused` cannot run on x (None: it can);
+    `portable` (None: the reference) is what runs where the fused op cannot."""
 
     name: str
     reference: Callable
     fused: Callable | None
     unavailable: Callable[[Tensor], str | None]
+    portable: Callable | None = None
 
-    def select(self, mode: str, x: Tensor) -> Callable:
-        if mode == "reference":
-            return self.reference
+    def path(self, mode: str, x: Tensor) -> tuple[str, str | None]:
+        """("fused" | "portable" | "reference", why not fused) for `mode` on x; raises if "fused" cannot run."""
+        fallback = "reference" if self.portable is None else "portable"
+        if mode in ("reference", "portable"):
+            return (mode if mode == "reference" else fallback), f"kernels={mode!r}"
         reason = "not implemented yet" if self.fused is None else self.unavailable(x)
         if reason is None:
-            return self.fused
+            return "fused", None
         if mode == "fused":
             exc = NotImplementedError if self.fused is None else RuntimeError
             raise exc(
                 f"kernels='fused': no fused {self.name} for this input: {reason}. "
-                "Use kernels='auto' to fall back to the reference ops."
+                "Use kernels='auto' to fall back to the portable ops."
             )
-        _note_fallback(self.name, reason)
-        return self.reference
+        return fallback, reason
+
+    def select(self, mode: str, x: Tensor) -> Callable:
+        path, reason = self.path(mode, x)
+        _say_path(self.name, path, reason, x)
+        return self.portable if path == "portable" else getattr(self, path)
 
 
-_warned: set[str] = set()
+_said: set[tuple] = set()
 
 
-def _note_fallback(name: str, reason: str) -> None:
-    """A missing build is worth one warning; a CPU tensor without the interpreter is expected (DEBUG log)."""
-    if "rgt._C" in reason and "rgt._C" not in _warned:
-        _warned.add("rgt._C")
+def _say_path(name: str, path: str, reason: str | None, x: Tensor) -> None:
+    """Log each (op, path, device, dtype) once, not per call (a training run calls each op thousands of times).
+    A missing build is worth one warning; a CPU tensor without the interpreter is expected (DEBUG log)."""
+    key = (name, path, x.device.type, x.dtype)
+    if key in _said:
+        return
+    _said.add(key)
+    if reason is not None and "rgt._C" in reason and "rgt._C" not in _said:
+        _said.add("rgt._C")
         warnings.warn(f"rgt: falling back to reference ops: {reason}", RuntimeWarning, stacklevel=3)
     else:
-        log.debug("rgt: %s runs the reference: %s", name, reason)
+        log.debug("rgt: %s runs the %s on %s %s%s", name, path, x.device.type, str(x.dtype).removeprefix("torch."),
+                  f": {reason}" if reason else "")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rgt.ops import reference
+from rgt.ops import portable, reference
 from rgt.ops._dispatch import TRITON_OPS, Op, default_mode, triton_unavailable
 
 
@@ -18,7 +18,7 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     return torch.ops.rgt.rgsa_attn_fwd(q, k, v, float(scale))[0]
 
 
-OP = Op("rgsa_attention", reference.rgsa_attention, _fused, triton_unavailable)
+OP = Op("rgsa_attention", reference.rgsa_attention, _fused, triton_unavailable, portable.rgsa_attention)
 
 
 def rgsa_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, kernels: str | None = None) -> Tensor:
@@ -33,7 +33,8 @@ def rgsa_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, kernels: st
         `.transpose(1, 2).reshape(B, N, heads * dv)` is free.
 
     Other Parameters:
-        kernels: "fused", "reference" or "auto" (default: RGT_KERNELS, else "auto").
+        kernels: "fused", "reference", "portable" (`rgt.ops.portable`: SDPA in query chunks) or "auto" (fused
+            where it can run, else portable); default: RGT_KERNELS, else "auto".
     """
     return OP.select(kernels or default_mode(), q)(q, k, v, scale)
 

@@ -11,7 +11,7 @@ import importlib
 import torch
 from torch import Tensor
 
-from rgt.ops import reference
+from rgt.ops import portable, reference
 from rgt.ops._dispatch import TRITON_OPS, Op, default_mode, triton_unavailable
 
 # Without Triton (e.g. macOS) or torch < 2.6 only the reference exists; triton_unavailable then says why.
@@ -87,7 +87,7 @@ def _unavailable(x: Tensor) -> str | None:
     return reason
 
 
-OP = Op("rwin_attention", reference.rwin_attention, _fused, _unavailable)
+OP = Op("rwin_attention", reference.rwin_attention, _fused, _unavailable, portable.rwin_attention)
 
 
 def rwin_attention(qkv: Tensor, bias_table: Tensor, H: int, W: int, split: tuple[int, int], shift: bool,
@@ -96,7 +96,8 @@ def rwin_attention(qkv: Tensor, bias_table: Tensor, H: int, W: int, split: tuple
 
     Args:
         qkv: (B, H*W, 3C) projection output. bias_table: (2, M, heads // 2), M = (2*s0-1)(2*s1-1).
-        kernels: "auto" (fused where it can run, else reference), "fused" or "reference"; default RGT_KERNELS.
+        kernels: "auto" (fused where it can run, else portable), "fused", "reference" or "portable"
+            (`rgt.ops.portable`: SDPA over chunks of window rows); default RGT_KERNELS.
     Returns:
         (B, H*W, C), channels [branch 0 (s0 x s1 windows) | branch 1 (s1 x s0 windows)].
     """

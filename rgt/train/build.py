@@ -49,10 +49,9 @@ def kernel_report(net: RGT, device: torch.device) -> list[str]:
     x = torch.empty(1, device=device)
     lines = []
     for op in (rwin.OP, rgsa.OP, dwconv.OP):
-        reason = "not implemented yet" if op.fused is None else op.unavailable(x)
-        path = "reference" if net.kernels == "reference" or reason is not None else "fused"
-        why = "" if path == "fused" else f" ({'kernels=reference' if net.kernels == 'reference' else reason})"
-        lines.append(f"{op.name}: {path}{why}")
+        mode = "auto" if net.kernels == "fused" else net.kernels  # "fused" would raise here, not report
+        path, reason = op.path(mode, x)
+        lines.append(f"{op.name}: {path}" + (f" ({reason})" if reason else ""))
     return lines
 
 
