@@ -10,7 +10,8 @@ import logging
 from pathlib import Path
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-KERNEL_MODES = ("auto", "reference", "fused", "portable")  # rgt.ops._dispatch.MODES (not imported: --help stays torch-free)
+# rgt.ops._dispatch.MODES, not imported so that --help stays torch-free.
+KERNEL_MODES = ("auto", "reference", "fused", "portable")
 INTERRUPTED = 130  # the shell's status for SIGINT
 
 
