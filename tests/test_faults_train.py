@@ -10,9 +10,11 @@ import multiprocessing
 import os
 import pickle
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -297,7 +299,18 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-@pytest.mark.parametrize("damage", ["truncated state", "zero-byte state", "truncated model", "nan model"])
+def _flip_byte_in_largest_entry(path: Path) -> None:
+    """Flip one byte inside the largest stored member of a torch zip file: the file still parses, its CRC fails."""
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.compress_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack_from("<HH", data, info.header_offset + 26)  # the local header's own
+    data[info.header_offset + 30 + name_len + extra_len + info.compress_size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["truncated state", "zero-byte state", "flipped state", "truncated model",
+                                    "nan model"])
 def test_damaged_newest_checkpoint(two_checkpoints, capsys, damage):
     """--resume names the damaged file in one line; --auto-resume falls back to iteration 2 with a warning."""
     root = two_checkpoints
@@ -306,6 +319,8 @@ def test_damaged_newest_checkpoint(two_checkpoints, capsys, damage):
         _truncate(state4)
     elif damage == "zero-byte state":
         state4.write_bytes(b"")
+    elif damage == "flipped state":
+        _flip_byte_in_largest_entry(state4)
     elif damage == "truncated model":
         _truncate(model4)
     else:

@@ -194,3 +194,16 @@ def test_16bit_colour_without_opencv_says_what_to_install(tmp_path, monkeypatch)
         read_image(tmp_path / "c.png")
     with pytest.raises(ImportError, match=r"rgt\[image16\]"):
         write_image(tmp_path / "d.png", torch.zeros(3, 2, 2), bit_depth=16)
+
+
+def test_write_removes_what_a_killed_write_of_the_same_file_left(tmp_path):
+    """A kill between the temp file's write and its rename leaves `.<name>.<8 hex>.tmp`; the next write of that
+    name removes it (and nothing else)."""
+    stale = tmp_path / ".out.png.0123abcd.tmp"
+    others = [tmp_path / ".other.png.0123abcd.tmp", tmp_path / ".out.png.notours.tmp"]
+    for f in [stale, *others]:
+        f.write_bytes(b"partial")
+    write_image(tmp_path / "out.png", torch.zeros(3, 4, 4))
+    assert not stale.exists() and all(f.exists() for f in others)
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted([".other.png.0123abcd.tmp", ".out.png.notours.tmp",
+                                                                  "out.png"])

@@ -15,6 +15,7 @@ tools (Real-ESRGAN) do silently.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import uuid
@@ -240,6 +241,9 @@ def write_image(
         raise ValueError(f"bit_depth must be 8, or 16 for PNG; got {bit_depth} for {path}")
     data = _encode(_to_array(img, alpha, bit_depth), fmt, quality)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # A run killed between write and rename leaves its `.<name>.<8 hex>.tmp`: the rerun writing name removes it.
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.{'[0-9a-f]' * 8}.tmp"):
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         # os.open with 0o666 lets the umask set the permissions, as for any new file
