@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
+from rgt._cli import KERNEL_MODES
 from rgt.checkpoint import atomic_write
 from rgt.train import distributed as dist_util
 from rgt.train import state
@@ -52,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="override an option, e.g. --set train.total_iter=1000 (repeatable; YAML values)")
     p.add_argument("--amp", choices=["bf16"], default=None, help="bf16 autocast (train.amp)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile)")
-    p.add_argument("--kernels", choices=["auto", "reference", "fused", "portable"], default=None,
+    p.add_argument("--kernels", choices=KERNEL_MODES, default=None,
                    help="model ops (default: the option file's `kernels`, else auto: fused where available)")
     p.add_argument("--auto-resume", "--auto_resume", action="store_true",
                    help="continue from the latest training state of this experiment, if any")
