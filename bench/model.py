@@ -9,7 +9,10 @@ Providers run in one process on identical weights and inputs; each is checked ag
   attentions are the portable ones);
 - <provider>+compile: torch.compile of the above (with --compile; always on a GPU);
 - official: spandrel's verbatim copy of the official code, when spandrel imports (it needs torchvision);
-  skipped with a note otherwise, and skipped like the reference where its scores would not fit.
+  skipped with a note otherwise, and skipped like the reference where its scores would not fit;
+- official+heap (CPU inference): the official code inside rgt's heap policy, to show how much of the gain
+  over it is the allocator (rgt's own providers run inside it on a CPU, as `rgt.upscale` and `Upscaler` do:
+  rgt.inference.heap).
 
 Timing: providers are interleaved, one call each per round, so load from other processes hits them alike;
 ms per image is the median over rounds (CUDA: do_bench). Peak memory: CUDA max_memory_allocated; on a CPU the
@@ -17,7 +20,7 @@ process RSS sampled every 2 ms during the check call (peak, and above the RSS be
 earlier providers' memory, so the peak of one provider can include what another left).
 
     python bench/model.py [--quick] [--models rgt_s rgt] [--scales 2 4] [--sizes 64x64 256x256 750x1000]
-                          [--providers official reference portable auto] [--compile] [--rounds N] [--out FILE]
+                          [--providers official official+heap reference portable auto] [--compile] [--rounds N] [--out FILE]
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ import _harness  # noqa: E402
 
 import rgt  # noqa: E402
 from rgt.arch.rgsa import recursion_depth  # noqa: E402
+from rgt.inference.heap import reuse_freed_memory  # noqa: E402
 from rgt.inference.upscaler import is_out_of_memory  # noqa: E402
 
-PROVIDERS = ("reference", "portable", "auto", "official")
+PROVIDERS = ("reference", "portable", "auto", "official", "official+heap")
 TINY = dict(embed_dim=36, depth=[2, 2], num_heads=[6, 6], mlp_ratio=2, split_size=[8, 32], c_ratio=0.5)
 FP32_TOL = 1e-4  # max relative output error between providers in fp32 (measured: see the JSON records)
 
@@ -113,23 +117,25 @@ def build_providers(kwargs: dict, names: list[str], compile_: bool, device: torc
     models, skipped = {}, {}
     too_big = scores_gb(kwargs, H, W) > max_scores_gb
     for name in names:
-        if name in ("reference", "official") and too_big:
+        if name in ("reference", "official", "official+heap") and too_big:
             skipped[name] = (f"its RG-SA scores need {scores_gb(kwargs, H, W):.1f} GB (> --max-scores-gb "
                              f"{max_scores_gb})")
             continue
-        if name == "official":
+        if name.startswith("official"):
             cls, why = official_class()
             if cls is None:
                 skipped[name] = why
                 continue
-            net = cls(**{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}).to(device)
-            net.load_state_dict(base.state_dict(), strict=True)
+            net = models.get("official")  # official+heap: the same module
+            if net is None:
+                net = cls(**{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}).to(device)
+                net.load_state_dict(base.state_dict(), strict=True)
         else:
             net = copy.deepcopy(base)
             net.set_kernels(name)
         models[name] = net
     if compile_:
-        for name in [n for n in models if n != "official"]:
+        for name in [n for n in models if not n.startswith("official")]:
             models[f"{name}+compile"] = torch.compile(models[name])
     return models, skipped
 
@@ -193,13 +199,13 @@ def run_case(records: list, case: dict, fns: dict, skipped: dict, device: torch.
     recs += [dict(case, provider=name, status=f"skipped: {why}") for name, why in skipped.items()]
     timings = interleaved_ms(ok, device, args.rounds, args.quick) if args.rounds else {
         r["provider"]: {k: r[k] for k in ("ms_p50", "ms_p20", "ms_p80", "rounds")} for r in recs if "ms_p50" in r}
-    official = timings.get("official", {}).get("ms_p50")
+    baselines = {key: timings[name]["ms_p50"] for name, key in (("official", "speedup_vs_official"),
+                 ("official+heap", "speedup_vs_official_heap")) if name in timings}
     for rec in recs:
         if rec["provider"] in timings:
             rec.update(timings[rec["provider"]])
             rec["images_per_s"] = batch / (rec["ms_p50"] / 1e3)
-            if official:
-                rec["speedup_vs_official"] = official / rec["ms_p50"]
+            rec.update({key: ms / rec["ms_p50"] for key, ms in baselines.items()})
         print(line(rec), flush=True)
     records += recs
 
@@ -210,15 +216,19 @@ def line(r: dict) -> str:
         mem = r.get("peak_rss_gb", r.get("peak_mem_gb"))
         timing = (f"{r['ms_p50']:10.1f} ms {r['images_per_s']:8.3f} img/s"
                   + (f" peak {mem:5.2f} GB" if mem is not None else "")
-                  + (f" {r['speedup_vs_official']:5.2f}x official" if "speedup_vs_official" in r else ""))
+                  + (f" {r['speedup_vs_official']:5.2f}x official" if "speedup_vs_official" in r else "")
+                  + (f" {r['speedup_vs_official_heap']:5.2f}x +heap" if "speedup_vs_official_heap" in r else ""))
     err = f"err {r['max_rel_err']:.1e}" if "max_rel_err" in r else ""
     return (f"{r['model']:>6} x{r['scale']} {r['mode']:>9} {r['size']:>9} {r['provider']:>18} {timing:<58} "
             f"{err:<12} {r['status']}")
 
 
-def inference_fn(net, x: torch.Tensor, dtype: str, device: torch.device):
+def inference_fn(net, x: torch.Tensor, dtype: str, device: torch.device, provider: str):
+    """One image through `net`; on a CPU rgt's providers and official+heap run inside rgt's heap policy."""
+    heap = device.type == "cpu" and provider != "official"
+
     def fn():
-        with torch.inference_mode(), autocast(dtype, device):
+        with torch.inference_mode(), autocast(dtype, device), reuse_freed_memory() if heap else contextlib.nullcontext():
             return net(x).float()
     return fn
 
@@ -294,14 +304,15 @@ def main(argv: list[str] | None = None) -> None:
                 fns_models, skipped = build_providers(kwargs, args.providers, compile_, device, H, W,
                                                       args.max_scores_gb)
                 x = torch.rand(1, 3, H, W, generator=g).to(device)
-                fns = {p: inference_fn(m.eval(), x, args.dtype, device) for p, m in fns_models.items()}
+                fns = {p: inference_fn(m.eval(), x, args.dtype, device, p) for p, m in fns_models.items()}
                 case = dict(model=name, scale=scale, mode="inference", size=f"{H}x{W}", batch=1, dtype=args.dtype)
                 run_case(records, case, fns, skipped, device, args, 1)
                 del fns, fns_models
             if args.no_train:
                 continue
             # no stochastic depth, so that every provider computes the same step
-            fns_models, skipped = build_providers(dict(kwargs, drop_path_rate=0.0), args.providers, compile_,
+            train_providers = [p for p in args.providers if p != "official+heap"]  # the policy is for inference
+            fns_models, skipped = build_providers(dict(kwargs, drop_path_rate=0.0), train_providers, compile_,
                                                   device, patch, patch, 1e9)
             lq = torch.rand(train_batch, 3, patch, patch, generator=g).to(device)
             gt = torch.rand(train_batch, 3, patch * scale, patch * scale, generator=g).to(device)

@@ -69,6 +69,9 @@ def test_model_bench(tmp_path):
             assert r["max_rel_err"] <= 1e-4, r  # fp32 vs the fp32 reference; measured <= 2.3e-7
             assert r["peak_rss_gb"] > 0 or torch.cuda.is_available(), r
         assert records[(mode, "official")]["status"].startswith(("ok", "skipped")), records[(mode, "official")]
+    heap = records[("inference", "official+heap")]
+    assert heap["status"] == records[("inference", "official")]["status"], heap
+    assert ("train", "official+heap") not in records  # the heap policy is rgt's inference path
 
 
 def test_data_bench(tmp_path):
