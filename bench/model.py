@@ -20,7 +20,8 @@ process RSS sampled every 2 ms during the check call (peak, and above the RSS be
 earlier providers' memory, so the peak of one provider can include what another left).
 
     python bench/model.py [--quick] [--models rgt_s rgt] [--scales 2 4] [--sizes 64x64 256x256 750x1000]
-                          [--providers official official+heap reference portable auto] [--compile] [--rounds N] [--out FILE]
+                          [--providers official official+heap reference portable auto] [--compile]
+                          [--rounds N] [--out FILE]
 """
 
 from __future__ import annotations
@@ -228,7 +229,8 @@ def inference_fn(net, x: torch.Tensor, dtype: str, device: torch.device, provide
     heap = device.type == "cpu" and provider != "official"
 
     def fn():
-        with torch.inference_mode(), autocast(dtype, device), reuse_freed_memory() if heap else contextlib.nullcontext():
+        policy = reuse_freed_memory() if heap else contextlib.nullcontext()
+        with torch.inference_mode(), autocast(dtype, device), policy:
             return net(x).float()
     return fn
 

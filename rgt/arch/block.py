@@ -6,9 +6,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from rgt.arch.common import DropPath, image_to_tokens, tokens_to_image
+from rgt.arch.common import DropPath, KernelSwitch, image_to_tokens, tokens_to_image
 from rgt.arch.lsa import L_SA
 from rgt.arch.rgsa import RG_SA
+from rgt.ops import epilogue
 
 
 class Gate(nn.Module):
@@ -19,14 +20,13 @@ class Gate(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
 
-    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
-        """x: (B, L, 2*dim) -> (B, L, dim)."""
-        x1, x2 = x.chunk(2, dim=-1)
+    def forward(self, x1: Tensor, x2: Tensor, H: int, W: int) -> Tensor:
+        """x1, x2: (B, L, dim), the two halves of the MLP's hidden features -> (B, L, dim)."""
         x2 = image_to_tokens(self.conv(tokens_to_image(self.norm(x2), H, W)))
         return x1 * x2
 
 
-class MLP(nn.Module):
+class MLP(KernelSwitch, nn.Module):
     """Gated MLP: fc1 (C -> hid) -> GELU -> Gate (hid -> hid/2) -> fc2 (hid/2 -> C), dropout after each."""
 
     def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
@@ -37,10 +37,16 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(hidden_features // 2, in_features)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
-        x = self.drop(self.act(self.fc1(x)))
-        x = self.drop(self.sg(x, H, W))
-        return self.drop(self.fc2(x))
+    def forward(self, x: Tensor, H: int, W: int, residual: Tensor | None = None) -> Tensor:
+        """x: (B, L, C) -> (B, L, C), plus `residual` (same shape) when given."""
+        fused = epilogue.applies(x, self)
+        if fused:  # fc1 as the gate's two halves with GELU in the matmul: no strided copy for the gate's norm
+            x1, x2 = (epilogue.linear_weights(x, w, b, gelu=True)
+                      for w, b in zip(self.fc1.weight.chunk(2), self.fc1.bias.chunk(2), strict=True))
+        else:
+            x1, x2 = self.drop(self.act(self.fc1(x))).chunk(2, dim=-1)
+        x = self.drop(self.sg(x1, x2, H, W))
+        return epilogue.linear(x, self.fc2, fused, add=residual, drop=self.drop)
 
 
 def is_shifted(group: int, block: int) -> bool:
@@ -51,7 +57,7 @@ def is_shifted(group: int, block: int) -> bool:
     return block % 4 == 0
 
 
-class Block(nn.Module):
+class Block(KernelSwitch, nn.Module):
     """Pre-norm block: x1 = x + attn(norm1(x)); x2 = x1 + mlp(norm2(x1)); out = x2 + gamma * x (HAI).
 
     Even blocks use L-SA, odd blocks RG-SA. gamma re-injects the block input, scaled per channel.
@@ -97,6 +103,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, H: int, W: int) -> Tensor:
+        if epilogue.applies(x, self):  # CPU inference: the residual adds inside the output projections
+            x1 = self.attn(self.norm1(x), H, W, residual=x)
+            return self.mlp(self.norm2(x1), H, W, residual=torch.addcmul(x1, x, self.gamma))
         res = x
         x = x + self.drop_path(self.attn(self.norm1(x), H, W))
         x = x + self.drop_path(self.mlp(self.norm2(x), H, W))

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from rgt.arch.common import KernelSwitch, image_to_tokens, tokens_to_image
-from rgt.ops import reference, rwin_attention
+from rgt.ops import epilogue, reference, rwin_attention
 
 
 def _ln_relu_linear(dim: int, out: int) -> nn.Sequential:
@@ -106,9 +106,10 @@ class L_SA(KernelSwitch, nn.Module):  # noqa: N801 (official name)
                 self.register_buffer(f"attn_mask_{i}", mask)
         self.get_v = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
 
-    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
-        """x: (B, H*W, C) normalised tokens -> (B, H*W, C)."""
-        qkv = self.qkv(x)  # (B, L, 3C), features [q | k | v]
+    def forward(self, x: Tensor, H: int, W: int, residual: Tensor | None = None) -> Tensor:
+        """x: (B, H*W, C) normalised tokens -> (B, H*W, C), plus `residual` (same shape) when given."""
+        fused = epilogue.applies(x, self)
+        qkv = epilogue.linear(x, self.qkv, fused)  # (B, L, 3C), features [q | k | v]
         table = self.bias_tables()  # (2, M, heads // 2)
         y = rwin_attention(
             qkv, table, H, W, self.split_size, self.shift, self.num_heads, self.scale, kernels=self.kernels
@@ -116,7 +117,7 @@ class L_SA(KernelSwitch, nn.Module):  # noqa: N801 (official name)
         # LCM: depthwise conv on the unpadded v, added to the attention output.
         v_img = tokens_to_image(qkv[..., 2 * self.dim :], H, W)  # (B, C, H, W)
         y = y + image_to_tokens(self.get_v(v_img))
-        return self.proj_drop(self.proj(y))
+        return epilogue.linear(y, self.proj, fused, add=residual, drop=self.proj_drop)
 
     def bias_tables(self) -> Tensor:
         """(2, M, heads // 2): both branches' position-bias tables, from their MLPs."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from rgt.arch.common import KernelSwitch, image_to_tokens, tokens_to_image
-from rgt.ops import recursive_dwconv, rgsa_attention
+from rgt.ops import epilogue, recursive_dwconv, rgsa_attention
 
 MIN_EVAL_SIDE = 16  # eval mode takes floor(log4(side // 16)): smaller sides have no defined recursion depth
 
@@ -80,12 +80,13 @@ class RG_SA(KernelSwitch, nn.Module):  # noqa: N801 (official name)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
-        """x: (B, H*W, C) normalised tokens -> (B, H*W, C)."""
+    def forward(self, x: Tensor, H: int, W: int, residual: Tensor | None = None) -> Tensor:
+        """x: (B, H*W, C) normalised tokens -> (B, H*W, C), plus `residual` (same shape) when given."""
         B, N, C = x.shape
         h = self.num_heads
         T = recursion_depth(H, W, self.training)
-        q = self.q(x).view(B, N, h, -1).transpose(1, 2)  # (B, h, N, cr/h)
+        fused = epilogue.applies(x, self)
+        q = epilogue.linear(x, self.q, fused).view(B, N, h, -1).transpose(1, 2)  # (B, h, N, cr/h)
 
         r = recursive_dwconv(
             tokens_to_image(x, H, W), self.reduction1.weight, self.reduction1.bias, T, kernels=self.kernels
@@ -100,4 +101,5 @@ class RG_SA(KernelSwitch, nn.Module):  # noqa: N801 (official name)
         v = v + self.cpe(v_img).reshape(B, h, C // h, -1).transpose(-2, -1)
 
         out = rgsa_attention(q, k, v, self.scale, kernels=self.kernels)  # (B, h, N, C/h)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
+        return epilogue.linear(out.transpose(1, 2).reshape(B, N, C), self.proj, fused, add=residual,
+                               drop=self.proj_drop)

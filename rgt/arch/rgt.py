@@ -9,7 +9,6 @@ from torch import Tensor, nn
 
 from rgt.arch.block import ResidualGroup, conv3x3_body
 from rgt.arch.common import KernelSwitch, image_to_tokens, tokens_to_image
-from rgt.arch.lsa import L_SA
 from rgt.arch.rgsa import MIN_EVAL_SIDE, RG_SA, recursion_depth
 from rgt.ops._dispatch import check_mode, default_mode
 
@@ -134,10 +133,10 @@ class RGT(KernelSwitch, nn.Module):
         self.set_kernels(default_mode() if kernels is None else kernels)
 
     def set_kernels(self, mode: str) -> None:
-        """Switch every attention and convolution op between "auto", "reference" and "fused" at run time."""
+        """Switch every attention, convolution and fused-linear op between the modes of rgt.ops at run time."""
         self.kernels = check_mode(mode)
         for m in self.modules():
-            if isinstance(m, (L_SA, RG_SA)):
+            if isinstance(m, KernelSwitch) and m is not self:
                 m.set_kernels(mode)
 
     def forward_features(self, x: Tensor) -> Tensor:
