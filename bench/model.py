@@ -10,9 +10,8 @@ Providers run in one process on identical weights and inputs; each is checked ag
 - <provider>+compile: torch.compile of the above (with --compile; always on a GPU);
 - official: spandrel's verbatim copy of the official code, when spandrel imports (it needs torchvision);
   skipped with a note otherwise, and skipped like the reference where its scores would not fit;
-- official+heap (CPU inference): the official code inside rgt's heap policy, to show how much of the gain
-  over it is the allocator (rgt's own providers run inside it on a CPU, as `rgt.upscale` and `Upscaler` do:
-  rgt.inference.heap).
+- official+heap (CPU inference): the official code with its residual groups inside rgt's heap policy, as RGT's
+  own forward runs them on a CPU (rgt.heap), to show how much of the gain over it is the allocator.
 
 Timing: providers are interleaved, one call each per round, so load from other processes hits them alike;
 ms per image is the median over rounds (CUDA: do_bench). Peak memory: CUDA max_memory_allocated; on a CPU the
@@ -41,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness  # noqa: E402
 
 import rgt  # noqa: E402
+from rgt import heap  # noqa: E402
 from rgt.arch.rgsa import recursion_depth  # noqa: E402
-from rgt.inference.heap import reuse_freed_memory  # noqa: E402
 from rgt.inference.upscaler import is_out_of_memory  # noqa: E402
 
 PROVIDERS = ("reference", "portable", "auto", "official", "official+heap")
@@ -127,10 +126,10 @@ def build_providers(kwargs: dict, names: list[str], compile_: bool, device: torc
             if cls is None:
                 skipped[name] = why
                 continue
-            net = models.get("official")  # official+heap: the same module
-            if net is None:
-                net = cls(**{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}).to(device)
-                net.load_state_dict(base.state_dict(), strict=True)
+            net = cls(**{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}).to(device)
+            net.load_state_dict(base.state_dict(), strict=True)
+            if name == "official+heap":
+                net.forward_features = with_heap_policy(net.forward_features)
         else:
             net = copy.deepcopy(base)
             net.set_kernels(name)
@@ -224,13 +223,17 @@ def line(r: dict) -> str:
             f"{err:<12} {r['status']}")
 
 
-def inference_fn(net, x: torch.Tensor, dtype: str, device: torch.device, provider: str):
-    """One image through `net`; on a CPU rgt's providers and official+heap run inside rgt's heap policy."""
-    heap = device.type == "cpu" and provider != "official"
+def with_heap_policy(forward_features):
+    """The official forward_features (its residual groups and norm) inside rgt.heap's policy, as RGT's own."""
+    def wrapped(x):
+        with heap.for_inference(x):
+            return forward_features(x)
+    return wrapped
 
+
+def inference_fn(net, x: torch.Tensor, dtype: str, device: torch.device):
     def fn():
-        policy = reuse_freed_memory() if heap else contextlib.nullcontext()
-        with torch.inference_mode(), autocast(dtype, device), policy:
+        with torch.inference_mode(), autocast(dtype, device):
             return net(x).float()
     return fn
 
@@ -306,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
                 fns_models, skipped = build_providers(kwargs, args.providers, compile_, device, H, W,
                                                       args.max_scores_gb)
                 x = torch.rand(1, 3, H, W, generator=g).to(device)
-                fns = {p: inference_fn(m.eval(), x, args.dtype, device, p) for p, m in fns_models.items()}
+                fns = {p: inference_fn(m.eval(), x, args.dtype, device) for p, m in fns_models.items()}
                 case = dict(model=name, scale=scale, mode="inference", size=f"{H}x{W}", batch=1, dtype=args.dtype)
                 run_case(records, case, fns, skipped, device, args, 1)
                 del fns, fns_models

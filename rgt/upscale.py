@@ -18,7 +18,6 @@ LOCAL_RANK (no communication).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import logging
 import os
@@ -154,13 +153,8 @@ def run(up, jobs: list[tuple[Path, Path]], quality: int) -> list[tuple[Path, str
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from rgt.inference.heap import reuse_freed_memory
-
     failed, times = [], []
-    cpu = getattr(getattr(up, "device", None), "type", None) == "cpu"
-    # log lines (through the root logger) above the bars, not glued to them; on a CPU the freed tensors' memory
-    # stays in the heap for the next image too (rgt.inference.heap)
-    with logging_redirect_tqdm(), reuse_freed_memory() if cpu else contextlib.nullcontext():
+    with logging_redirect_tqdm():  # log lines (through the root logger) above the bars, not glued to them
         for src, dst in tqdm(jobs, desc="upscale", unit="img", disable=len(jobs) < 2, dynamic_ncols=True):
             start = time.perf_counter()
             try:

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from rgt import heap
 from rgt.arch.block import ResidualGroup, conv3x3_body
 from rgt.arch.common import KernelSwitch, image_to_tokens, tokens_to_image
 from rgt.arch.rgsa import MIN_EVAL_SIDE, RG_SA, recursion_depth
@@ -143,8 +144,9 @@ class RGT(KernelSwitch, nn.Module):
         """(B, C, H, W) shallow features -> (B, C, H, W) deep features."""
         H, W = x.shape[-2:]
         x = self.before_RG(image_to_tokens(x))
-        for layer in self.layers:
-            x = layer(x, H, W)
+        with heap.for_inference(x):  # CPU inference: freed tensors' memory reused (rgt.heap)
+            for layer in self.layers:
+                x = layer(x, H, W)
         return tokens_to_image(self.norm(x), H, W)
 
     def forward(self, x: Tensor) -> Tensor:

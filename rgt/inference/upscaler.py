@@ -42,7 +42,6 @@ from rgt.checkpoint import read_checkpoint
 from rgt.data.layout import check_unit_range
 from rgt.data.resize import imresize
 from rgt.detect import build_model, resolve_config
-from rgt.inference.heap import reuse_freed_memory
 from rgt.inference.tiling import MIN_TILE, pad_to_valid, tile_starts, tiled_forward
 from rgt.inference.tta import tta_forward
 
@@ -214,8 +213,7 @@ class Upscaler:
 
     def _run(self, x: Tensor) -> Tensor:
         """(B, in_chans, H, W) on the device -> (B, in_chans, sH, sW) float32, NaN-safe in reduced precision."""
-        cpu = x.device.type == "cpu"  # freed tensors' memory reused, not faulted in anew (rgt.inference.heap)
-        with torch.inference_mode(), self._progress(x), reuse_freed_memory() if cpu else contextlib.nullcontext():
+        with torch.inference_mode(), self._progress(x):
             fn = self._with_oom_fallback
             y = tta_forward(fn, x) if self.tta else fn(x)
             if self.precision != "fp32" and not torch.isfinite(y).all():

@@ -1,15 +1,19 @@
-"""`reuse_freed_memory()`: while RGT runs on a CPU, keep freed tensors' memory in the C heap for the next tensor.
+"""`reuse_freed_memory()`: keep freed tensors' memory in the C heap for the next tensor, which RGT's forward
+uses around its transformer body on a CPU (`for_inference`).
 
 glibc gives every allocation above its mmap threshold (32 MB at most) a fresh mapping and unmaps it on free, so
-each large tensor of a forward pass is new memory that the kernel faults in and zeroes page by page. RGT makes
-hundreds of them: a token tensor (H*W, C) is 47 MB at 256x256 for C = 180. Measured on RGT-S x4 at 256x256
-(2-core Xeon, torch 2.13, fp32, kernels="portable"): 9.4 M page faults and 24 s of system time in a 31 s forward;
-inside this context, 15 s. The official code gains too (65 s -> 28 s), and the benchmarks show both.
+each large tensor of a forward pass is new memory that the kernel faults in and zeroes page by page. RGT's body
+makes hundreds of them: a token tensor (H*W, C) is 47 MB at 256x256 for C = 180. Measured on RGT-S x4 at 256x256
+(2-core Xeon, torch 2.13, fp32, kernels="portable", one process per run): 9.2-9.4 M page faults and 23-24 s of
+system time in a 30-31 s forward; with freed memory reused, 15-19 s and under 1 s of system time. The official
+code gains too (62-65 s -> 28 s), so bench/model.py also times it inside this policy.
 
-Inside, mallopt(M_MMAP_MAX, 0) serves every allocation from the heap and a huge M_TRIM_THRESHOLD keeps freed
-memory there; peak RSS grows a little (1.2 -> 2.1 GB in that run) because freed blocks are held, not returned.
-On exit the free memory goes back to the system (malloc_trim) and the thresholds are left where glibc's own
-dynamic adjustment takes a program with large allocations: mmap above 32 MB, trim above 64 MB.
+Inside, mallopt(M_MMAP_MAX, 0) serves every allocation from the heap and a 2 GB M_TRIM_THRESHOLD keeps freed
+memory there. Held blocks fragment the heap, so the policy covers the body only (same-sized tensors, reused
+block after block) and not the upsampling tail, whose few tensors are the largest: around the whole forward it
+took a whole 1000x750 RGT-S x4 image from 8.5 GB to 15.1 GB peak RSS. On exit the free memory goes back to the
+system (malloc_trim) and the thresholds are left where glibc's own dynamic adjustment takes a program with large
+allocations: mmap above 32 MB, trim above 64 MB.
 
 A no-op where the C library is not glibc (macOS, Windows, musl) and inside an enclosing use. The settings are
 process-wide: other threads allocating meanwhile use the heap too.
@@ -22,6 +26,9 @@ import ctypes
 import platform
 import threading
 from collections.abc import Iterator
+
+import torch
+from torch import Tensor
 
 # glibc's mallopt parameters (malloc.h) and the values restored on exit
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
@@ -73,3 +80,11 @@ def reuse_freed_memory() -> Iterator[None]:
                 _LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_AFTER)
                 _LIBC.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_AFTER)
                 _LIBC.malloc_trim(0)
+
+
+def for_inference(x: Tensor) -> contextlib.AbstractContextManager:
+    """`reuse_freed_memory()` for a CPU forward pass without autograd on x, else a null context (GPUs have
+    their own caching allocator; autograd keeps activations alive; tracing and compiling see no side effects)."""
+    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    use = x.device.type == "cpu" and not torch.is_grad_enabled() and not tracing
+    return reuse_freed_memory() if use else contextlib.nullcontext()
