@@ -8,10 +8,11 @@ makes hundreds of them: a token tensor (H*W, C) is 47 MB at 256x256 for C = 180.
 system time in a 30-31 s forward; with freed memory reused, 15-19 s and under 1 s of system time. The official
 code gains too (62-65 s -> 28 s), so bench/model.py also times it inside this policy.
 
-Inside, mallopt(M_MMAP_MAX, 0) serves every allocation from the heap and a 2 GB M_TRIM_THRESHOLD keeps freed
+Inside, mallopt(M_MMAP_MAX, 0) serves every allocation from the heap and a 1 GB M_TRIM_THRESHOLD keeps freed
 memory there. Held blocks fragment the heap, so the policy covers the body only (same-sized tensors, reused
 block after block) and not the upsampling tail, whose few tensors are the largest: around the whole forward it
-took a whole 1000x750 RGT-S x4 image from 8.5 GB to 15.1 GB peak RSS. On exit the free memory goes back to the
+took a whole 1000x750 RGT-S x4 image from 8.5 GB to 15.1 GB peak RSS, around the body to 11.5 GB, which is why
+`for_inference` also asks for room (HELD_FACTOR). On exit the free memory goes back to the
 system (malloc_trim) and the thresholds are left where glibc's own dynamic adjustment takes a program with large
 allocations: mmap above 32 MB, trim above 64 MB.
 
@@ -35,7 +36,12 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
 MMAP_MAX_DEFAULT = 65536  # glibc's DEFAULT_MMAP_MAX
 MMAP_THRESHOLD_AFTER = 32 * 2**20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 TRIM_THRESHOLD_AFTER = 2 * MMAP_THRESHOLD_AFTER  # glibc's dynamic rule: trim threshold = 2 x mmap threshold
-TRIM_THRESHOLD_INSIDE = 2**31 - 1  # mallopt takes an int: 2 GB, the largest
+TRIM_THRESHOLD_INSIDE = 2**30  # free memory at the heap top beyond 1 GB still goes back
+
+# Held blocks raise the peak RSS: RGT-S x4 at 256x256 by 0.9 GB (19x its 47 MB token tensor), a 1000x750 image by
+# 3.0 GB (5.6x its 540 MB one). The policy runs only where 64x the token tensor fits in the available memory, so
+# that the worst measured extra takes under a third of it.
+HELD_FACTOR = 64
 
 _lock = threading.Lock()
 _depth = 0
@@ -82,9 +88,22 @@ def reuse_freed_memory() -> Iterator[None]:
                 _LIBC.malloc_trim(0)
 
 
+def available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (memory the kernel can give without swapping), or None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def for_inference(x: Tensor) -> contextlib.AbstractContextManager:
-    """`reuse_freed_memory()` for a CPU forward pass without autograd on x, else a null context (GPUs have
-    their own caching allocator; autograd keeps activations alive; tracing and compiling see no side effects)."""
+    """`reuse_freed_memory()` around RGT's body for its token tensor x (B, H*W, C), or a null context: off a CPU
+    (GPUs have their own caching allocator), with autograd (it keeps activations alive), when tracing or
+    compiling, and when HELD_FACTOR x the token tensor does not fit in the memory available now."""
     tracing = torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
     use = x.device.type == "cpu" and not torch.is_grad_enabled() and not tracing
+    if use:
+        free = available_bytes()
+        use = free is not None and HELD_FACTOR * x.numel() * x.element_size() <= free
     return reuse_freed_memory() if use else contextlib.nullcontext()
