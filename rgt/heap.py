@@ -31,6 +31,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from rgt.ops._dispatch import tracing
+
 # glibc's mallopt parameters (malloc.h) and the values restored on exit
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
 MMAP_MAX_DEFAULT = 65536  # glibc's DEFAULT_MMAP_MAX
@@ -101,8 +103,7 @@ def for_inference(x: Tensor) -> contextlib.AbstractContextManager:
     """`reuse_freed_memory()` around RGT's body for its token tensor x (B, H*W, C), or a null context: off a CPU
     (GPUs have their own caching allocator), with autograd (it keeps activations alive), when tracing or
     compiling, and when HELD_FACTOR x the token tensor does not fit in the memory available now."""
-    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-    use = x.device.type == "cpu" and not torch.is_grad_enabled() and not tracing
+    use = x.device.type == "cpu" and not torch.is_grad_enabled() and not tracing()
     if use:
         free = available_bytes()
         use = free is not None and HELD_FACTOR * x.numel() * x.element_size() <= free

@@ -30,6 +30,13 @@ TRITON_OPS = HAS_TRITON and hasattr(torch.library, "triton_op")
 log = logging.getLogger("rgt.ops")
 
 
+def tracing() -> bool:
+    """Whether torch is tracing, compiling or exporting: run-time side paths (oneDNN's fused linears, the heap
+    policy of rgt.heap) then stay out, so that graphs see the plain ops."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.7
+    return torch.compiler.is_compiling() or exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"kernels must be one of {MODES}, got {mode!r}")

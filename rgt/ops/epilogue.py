@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rgt.ops._dispatch import tracing
+
 
 @functools.cache
 def available() -> bool:
@@ -34,16 +36,11 @@ def available() -> bool:
     return bool((out == 4).all() and torch.allclose(gelu, F.gelu(torch.full((2, 4), 3.0))))
 
 
-def _tracing() -> bool:
-    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-    return torch.compiler.is_compiling() or exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-
-
 def applies(x: Tensor, module: nn.Module) -> bool:
     """Whether `module`'s linears on input x take the fused path (see the module docstring)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not module.training
             and getattr(module, "kernels", "auto") != "reference" and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu") and not _tracing() and available())
+            and not torch.is_autocast_enabled("cpu") and not tracing() and available())
 
 
 def linear(x: Tensor, layer: nn.Linear, fused: bool, *, gelu: bool = False, add: Tensor | None = None,
