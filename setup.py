@@ -81,11 +81,15 @@ def _extension():
     return ext
 
 
+# Data folders are listed as (namespace) packages: setuptools warns about data it finds in unlisted folders.
+ASSET_DIRS = ["rgt.assets", "rgt.assets.images", "rgt.assets.images.train", "rgt.assets.images.val"]
+
 setup(
-    packages=["rgt", "rgt.arch", "rgt.data", "rgt.inference", "rgt.ops", "rgt.train", "rgt.kernels"],
+    packages=["rgt", "rgt.arch", "rgt.data", "rgt.inference", "rgt.ops", "rgt.train", "rgt.kernels", *ASSET_DIRS],
     package_dir={"rgt.kernels": "kernels"},
     # The quickstart's options and bundled photographs (python -m rgt.train).
-    package_data={"rgt": ["assets/*.yml", "assets/images/README.md", "assets/images/*/*.png"]},
+    package_data={"rgt.assets": ["*.yml"], "rgt.assets.images": ["README.md"],
+                  "rgt.assets.images.train": ["*.png"], "rgt.assets.images.val": ["*.png"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
 )
