@@ -202,6 +202,23 @@ def test_dispatch():
     assert _ops_called(lambda: rgsa_attention(qg, k, v, 0.5, kernels="reference").backward(do)) == set()
 
 
+def test_old_interpreter_with_new_numpy_is_one_clear_error(monkeypatch):
+    """Triton 3.6's interpreter (the H200's Triton) fails inside any kernel under NumPy >= 2.4 (measured:
+    'only 0-dimensional arrays can be converted to Python scalars'); 3.7 and later, and older NumPy, run."""
+    from rgt.kernels import _common
+
+    check = _common._check_interpreter.__wrapped__
+    for triton_version, numpy_version, fails in [("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False),
+                                                  ("3.7.0", "2.4.6", False), ("3.9.0", "2.5.0rc1", False)]:
+        monkeypatch.setattr(_common.triton, "__version__", triton_version)
+        monkeypatch.setattr(_common.np, "__version__", numpy_version)
+        if fails:
+            with pytest.raises(RuntimeError, match=r"Triton 3\.6\.0 needs numpy < 2\.4.*pip install 'numpy<2\.4'"):
+                check()
+        else:
+            check()
+
+
 def test_empty():
     for B, N in [(0, 5), (2, 0)]:
         (q, k, v), do = _inputs(f"rgsa-empty-{B}-{N}", N, 3, 15, 30, B=B)
