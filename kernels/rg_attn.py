@@ -300,12 +300,13 @@ def _dims(q: Tensor, v: Tensor) -> dict:
 # (BLOCK_N None: N' padded to a power of two); "streamed" walks key blocks, and is also where a class without
 # an entry for its precision goes. Entries are (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen from the sm_90
 # compiler's verdict: the first entries compile without register spills for every launch of the model
-# (`python bench/sm90.py` on Triton 3.9 and 3.6; tests/test_sm90.py gates them), the 64-key class and the
+# (`python bench/sm90.py` on Triton 3.6, 3.8 and 3.9; tests/test_sm90.py gates them), the 64-key class and the
 # alternatives did so on Triton 3.9 at one shape each (a sweep, 2026-11-30). IEEE fp32 dots run on CUDA cores
 # with their operands in registers, hence smaller fp32 tiles: the fp32 backward keeps all keys in one block
 # only up to 16 (32 keys spilled 96 B/thread, 64 keys 0.8 KB, 256 keys 2 KB at every query tile) and streams
-# 32-key blocks beyond, on 8 warps (4 warps: 255 registers and 28 B of spills on Triton 3.9); the fp32 forward
-# takes 32-row query tiles past 64 keys (64 rows spilled 1.3 KB at 256 keys).
+# 32-key blocks beyond, on 8 warps and one pipelining stage (two stages spilled 8 B on Triton 3.8; 4 warps:
+# 255 registers and 28 B of spills on Triton 3.9); the fp32 forward takes 32-row query tiles past 64 keys
+# (64 rows spilled 1.3 KB at 256 keys).
 FWD_CONFIGS = {
     (16, "fp16/bf16"): [(128, None, 4, 2)],
     (16, "fp32"): [(128, None, 4, 2)],
@@ -322,7 +323,7 @@ BWD_CONFIGS = {
     (64, "fp16/bf16"): [(32, None, 4, 2)],
     (RESIDENT_KV, "fp16/bf16"): [(32, None, 8, 2), (16, None, 8, 2)],
     ("streamed", "fp16/bf16"): [(64, 64, 4, 2), (32, 64, 4, 2)],
-    ("streamed", "fp32"): [(32, 32, 8, 2), (32, 32, 4, 1), (16, 32, 4, 2)],
+    ("streamed", "fp32"): [(32, 32, 8, 1), (32, 32, 4, 1), (16, 32, 8, 2)],
 }
 
 

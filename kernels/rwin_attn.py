@@ -355,17 +355,18 @@ class Config:
 
 
 # CONFIGS[kernel][fp32?]: the launchers' default first, then the candidates for autotuning on a GPU, for
-# RGT's windows (8x32, head dim 30). Pruned by the sm_90 compiler (ptxas -v, Triton 3.6 and 3.9, every RGT-S
-# workload, shifted and not): none of these spills, but for two fp32 exceptions, and fp16/bf16 dots run on
-# tensor cores (wgmma for 64-row tiles, mma.sync for 32). fp32 lists are short: IEEE dots compile to FFMA
-# with a larger register footprint, and every other tile tried spilled on one Triton version or the other.
-# Exceptions (spill stores/loads per thread): the fp32 forward on Triton 3.6, whose ptxas gives it 128
-# registers, 20/20 B (0 on 3.9; each alternative tried there spills on the shifted or the unshifted blocks,
-# 8 B to 5 KB); the fp32 unshifted dk/dv on Triton 3.9 for maps whose sides are not multiples of 16 (the
-# padded 250x250 and 750x1000 inference, where the backward never runs), 28/28 B (0 on 3.6).
+# RGT's windows (8x32, head dim 30). Pruned by the sm_90 compiler (ptxas -v, Triton 3.6, 3.8 and 3.9, every
+# RGT-S workload, shifted and not): none of these spills, but for two fp32 exceptions, and fp16/bf16 dots run
+# on tensor cores (wgmma for 64-row tiles, mma.sync for 32). fp32 lists are short: IEEE dots compile to FFMA
+# with a larger register footprint, and every other tile tried spilled on one Triton version or another.
+# Exceptions (spill stores/loads per thread): the fp32 forward's 32x64 tiles on 8 warps spill 4/4 B on
+# Triton 3.9's shifted blocks (0 on 3.6 and 3.8; no tile tried is spill-free on all three: 64x64 on 8 warps
+# spilled 20 B on 3.6 and 44 B on 3.8, 32x32 on 4 warps 168 B on 3.6, 64x64 or 64x32 on 4 warps 12 B to
+# 10 KB); the fp32 unshifted dk/dv on Triton 3.9 for maps whose sides are not multiples of 16 (the padded
+# 250x250 and 750x1000 inference, where the backward never runs), 28/28 B (0 on 3.6).
 # d(bias) runs one software-pipelining stage: the second stage's prefetched gathers cost registers and spill.
 CONFIGS = {
-    "fwd": {False: [Config(64, 64, 8), Config(64, 32, 4), Config(32, 64, 4)], True: [Config(64, 64, 8)]},
+    "fwd": {False: [Config(64, 64, 8), Config(64, 32, 4), Config(32, 64, 4)], True: [Config(32, 64, 8)]},
     "dkdv": {False: [Config(64, 64, 8), Config(32, 64, 4), Config(64, 32, 4)], True: [Config(64, 32, 4)]},
     "dq": {False: [Config(64, 64, 8), Config(64, 32, 4), Config(32, 64, 4)], True: [Config(64, 64, 8)]},
     "dbias": {False: [Config(64, 32, 4, 1), Config(64, 64, 8, 1), Config(32, 32, 4, 1)],
