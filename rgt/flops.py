@@ -28,7 +28,7 @@ def count(model: torch.nn.Module, height: int, width: int) -> dict:
     # fvcore scripts helpers with torch.jit, deprecated in recent torch: that warning is fvcore's, not the
     # user's, to act on. The trace runs the model once: without no_grad it keeps ~13 GB of activations.
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated")  # torch 2.14: a FutureWarning
         try:
             from fvcore.nn import FlopCountAnalysis
         except ImportError as exc:
