@@ -98,7 +98,7 @@ def test_model_inference_takes_it_and_matches_float64(config, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
-@pytest.mark.filterwarnings("ignore:`torch.jit.trace")  # deprecated (Deprecation/FutureWarning), still what TorchScript export runs
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace")  # deprecated, still what TorchScript export runs
 def test_training_and_export_see_the_plain_ops(monkeypatch):
     model = RGT(**TINY, kernels="portable")
     calls = count_fused(monkeypatch)
