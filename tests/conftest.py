@@ -2,6 +2,7 @@
 definition time: without CUDA the Triton kernels run in the CPU interpreter."""
 
 import os
+import zlib
 
 import torch
 
@@ -18,6 +19,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
         if "slow" in item.keywords and not slow_ok:
             item.add_marker(pytest.mark.skip(reason="slow test: set RGT_SLOW_TESTS=1 to run"))
+
+
+@pytest.fixture(autouse=True)
+def seeded_global_rng(request):
+    """Each test starts torch's global generator from a seed of its own name. The process seeds it at random
+    (initial_seed() differs per run), so a test that draws from it (default weight init, torch.rand without a
+    generator) would see new values on every run and depend on what ran before."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 @pytest.fixture(scope="module")

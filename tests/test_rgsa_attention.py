@@ -8,8 +8,7 @@ import copy
 
 import pytest
 import torch
-from _utils import TINY, deterministic_fill, gen
-from torch.profiler import ProfilerActivity, profile
+from _utils import TINY, assert_as_accurate, deterministic_fill, gen, model_step, rgt_ops_run
 
 from rgt import RGT
 from rgt.ops import reference, rgsa_attention
@@ -189,9 +188,7 @@ def test_opcheck():
 
 
 def _ops_called(fn) -> set[str]:
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return {e.name for e in prof.events() if e.name.startswith("rgt::")}
+    return set(rgt_ops_run(fn)[1])
 
 
 def test_dispatch():
@@ -268,39 +265,16 @@ MODEL_FP32_FLOOR = {"out": 4e-6, "grad": 5e-5}
 @pytest.mark.parametrize("training", [False, True])
 def test_model_auto_matches_reference(training):
     """Tiny RGT in fp32, kernels="auto" (fused RG-SA; other ops fused where available) vs "reference", both
-    against the float64 reference model: output and every parameter gradient within 2x the fp32 reference's
-    own error or MODEL_FP32_FLOOR of the largest value, whichever is larger. The floor keeps the bound
-    independent of how accurate the reference's fp32 BLAS happens to be on a given CPU (and covers gradients
-    whose exact value is ~0, e.g. the keys' with N' = 1, where the reference's fp32 softmax backward gives exact
-    zeros and the fused one fp32 noise). 20x24 input: eval has one representative token (N' = 1), training
-    5x6 = 30."""
-    model = RGT(**TINY, drop_path_rate=0.0, kernels="reference").train(training)
+    against the float64 reference model: output and every parameter gradient (assert_as_accurate, with
+    MODEL_FP32_FLOOR; the keys' gradients are ~0 at N' = 1, where the reference's fp32 softmax backward gives
+    exact zeros and the fused one fp32 noise). 20x24 input: eval has one representative token (N' = 1),
+    training 5x6 = 30."""
+    model = RGT(**TINY, drop_path_rate=0.0, kernels="reference").train(training).to(DEVICE)
     deterministic_fill(model)
     x = torch.rand(1, 3, 20, 24, generator=gen(f"rgsa-model-{training}"), dtype=torch.float64)
-    exact, _ = _model_step(copy.deepcopy(model).double(), x, "reference")
-    ref32, ref_ops = _model_step(copy.deepcopy(model), x, "reference")
-    auto32, auto_ops = _model_step(model, x, "auto")
-    assert not ref_ops and {"rgt::rgsa_attn_fwd", "rgt::rgsa_attn_bwd"} <= auto_ops, (ref_ops, auto_ops)
-    grad_scale = max(g.abs().max().item() for n, g in exact.items() if n != "out")
-    for name, e in exact.items():
-        floor = MODEL_FP32_FLOOR["out" if name == "out" else "grad"]
-        low = floor * (e.abs().max().item() if name == "out" else grad_scale)
-        err, ref_err = ((r[name] - e).abs().max().item() for r in (auto32, ref32))
-        assert err <= max(2 * ref_err, low), f"{name}: auto {err:.3g}, reference {ref_err:.3g}, floor {low:.3g}"
-
-
-def _model_step(model, x, mode):
-    """float64 output and parameter gradients (fixed random upstream gradient) under kernels=mode, on DEVICE
-    in the model's dtype, and the rgt ops that ran."""
-    model = model.to(DEVICE)
-    model.set_kernels(mode)
-    dtype = next(model.parameters()).dtype
-    result = {}
-
-    def step():
-        out = model(x.to(DEVICE, dtype))
-        out.backward(torch.randn(out.shape, generator=gen("rgsa-model-grad")).to(DEVICE, dtype))
-        result["out"] = out.detach().double()
-        result.update({n: p.grad.double() for n, p in model.named_parameters()})
-
-    return result, _ops_called(step)
+    dy = torch.randn(1, 3, 40, 48, generator=gen("rgsa-model-grad"), dtype=torch.float64)
+    exact = model_step(copy.deepcopy(model).double(), x, dy, "reference")
+    ref32, ref_ops = rgt_ops_run(lambda: model_step(model, x, dy, "reference"))
+    auto32, auto_ops = rgt_ops_run(lambda: model_step(model, x, dy, "auto"))
+    assert not ref_ops and {"rgt::rgsa_attn_fwd", "rgt::rgsa_attn_bwd"} <= auto_ops.keys(), (ref_ops, auto_ops)
+    assert_as_accurate(exact, ref32, auto32, MODEL_FP32_FLOOR["out"], MODEL_FP32_FLOOR["grad"])

@@ -8,9 +8,11 @@ that dtype (plus a floor for tensors the reference happens to get nearly exact).
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from _utils import RWIN_CASES, SMALL96, gen
+from _utils import RWIN_CASES, SMALL96, assert_as_accurate, gen, model_step, random_fill, rgt_ops_run
 from rgt.kernels import rwin_attn
 
 from rgt.ops import reference, rwin_attention
@@ -19,9 +21,10 @@ from rgt.ops import reference, rwin_attention
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 vs float64: measured max 7e-7 (out, dqkv, dbias) on the cases below; the issue's target is 1e-5.
 FP32_REL = 3e-6
-# Model, fp32 fused vs fp32 reference: measured max 2.8e-5 relative. The absolute floor covers pos3's last
-# bias, whose gradient is 0 in exact arithmetic (a per-head constant cancels in the softmax): 6e-9 measured.
-MODEL_REL, MODEL_ATOL = 1e-4, 3e-8
+# Model, fp32 (assert_as_accurate): where 'auto' erred more than 2x the fp32 reference, its error was at most
+# 6.1e-7 of the largest gradient; its output error at most 1.35e-6 of max|out|, always within 2x the reference's.
+# Measured over 16 weight/input seeds, Triton 3.6 and 3.9 interpreters, AVX-512 and AVX2 (EPYC) kernels.
+MODEL_FP32_FLOOR = {"out": 3e-6, "grad": 2e-6}
 LOW_FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # ~2 ulp of the dtype at the tensor's max
 
 CASES = RWIN_CASES
@@ -198,32 +201,23 @@ def test_opcheck():
     torch.library.opcheck(bwd, (dout, qkv.detach(), bias.detach(), out, lse, *args))
 
 
-def test_model_small96_fused_matches_reference(monkeypatch):
-    """RGT small96 (bias MLP of width 5, so the table varies per offset), a padded 20x24 input, eval mode:
-    'auto' (this op fused, others possibly falling back) vs 'reference': output and every parameter grad."""
+def test_model_small96_fused_matches_reference():
+    """RGT small96 (bias MLP of width 5, so the table varies per offset) with random weights, a padded 20x24
+    input, eval mode, fp32: 'auto' (every L-SA fused, other ops fused where available) and 'reference', both
+    against the float64 reference: output and every parameter gradient (assert_as_accurate, MODEL_FP32_FLOOR)."""
     from rgt import RGT
     from rgt.arch.lsa import L_SA
 
-    calls = []
-    for name in ("rwin_attn_fwd", "rwin_attn_bwd"):
-        real = getattr(rwin_attn, name)
-        spy = lambda *a, _f=real, _n=name, **k: calls.append(_n) or _f(*a, **k)  # noqa: E731
-        monkeypatch.setattr(rwin_attn, name, spy)
     model = RGT(**SMALL96, kernels="reference").eval().to(DEVICE)
-    x = torch.rand(1, 3, 20, 24, generator=gen("small96-x")).to(DEVICE)
-    dy = torch.randn(1, 3, 40, 48, generator=gen("small96-dy")).to(DEVICE)
-    results = {}
-    for mode in ("reference", "auto"):
-        model.set_kernels(mode)
-        model.zero_grad(set_to_none=True)
-        y = model(x)
-        y.backward(dy)
-        results[mode] = [("out", y.detach())] + [(n, p.grad) for n, p in model.named_parameters()]
+    random_fill(model, "small96-weights")
+    x = torch.rand(1, 3, 20, 24, generator=gen("small96-x"), dtype=torch.float64)
+    dy = torch.randn(1, 3, 40, 48, generator=gen("small96-dy"), dtype=torch.float64)
+    exact = model_step(copy.deepcopy(model).double(), x, dy, "reference")
+    ref32 = model_step(model, x, dy, "reference")
+    auto32, ops = rgt_ops_run(lambda: model_step(model, x, dy, "auto"))
     n_lsa = sum(isinstance(m, L_SA) for m in model.modules())
-    assert n_lsa > 0 and calls == ["rwin_attn_fwd"] * n_lsa + ["rwin_attn_bwd"] * n_lsa
-    for (name, got), (_, want) in zip(results["auto"], results["reference"], strict=True):
-        err = (got - want).abs().max().item()
-        assert err <= MODEL_REL * want.abs().max().item() + MODEL_ATOL, f"{name}: error {err:.2e}"
+    assert n_lsa > 0 and ops["rgt::rwin_attn_fwd"] == ops["rgt::rwin_attn_bwd"] == n_lsa, ops
+    assert_as_accurate(exact, ref32, auto32, MODEL_FP32_FLOOR["out"], MODEL_FP32_FLOOR["grad"])
 
 
 # ------------------------------------------------------------------------------ GPU only (not run on CPU CI)
